@@ -1,0 +1,247 @@
+"""The `qrobust` command line. Heavy libraries are imported only by the command that runs."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+EXIT_BAD_INPUT = 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="qrobust",
+        description="Quantization robustness of auto-regressive and diffusion language models on code benchmarks.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def with_workspace(p):
+        p.add_argument("--workspace", default=None, help="workspace directory (default: ./qrobust-workspace)")
+        return p
+
+    run = with_workspace(sub.add_parser("run", help="run or resume a grid (default: the bundled tiny grid)"))
+    run.add_argument("grid", nargs="?", default=None, help="a grid TOML file or a bundled grid name")
+    run.add_argument("--dry-run", action="store_true", help="list the grid's cells with their settings and stop")
+    run.add_argument("--no-report", action="store_true", help="skip writing the report at the end")
+
+    status = with_workspace(sub.add_parser("status", help="which cells and stages are done, cached or failed"))
+    status.add_argument("grid", nargs="?", default=None, help="also list this grid's cells that have not run")
+
+    sql = with_workspace(sub.add_parser("sql", help="query the results store"))
+    sql.add_argument("query")
+    sql.add_argument("--format", choices=("table", "csv", "json", "parquet"), default="table")
+    sql.add_argument("--out", default=None, help="file to write (required for parquet)")
+
+    with_workspace(sub.add_parser("report", help="write report.md and report.html from the store"))
+
+    export = with_workspace(sub.add_parser("export", help="write every table of the store to Parquet"))
+    export.add_argument("--out", default=None, help="directory (default: WORKSPACE/export)")
+
+    evaluate = sub.add_parser("evaluate", help="score a JSONL of samples from any generator in the sandbox")
+    evaluate.add_argument("samples")
+    evaluate.add_argument("--benchmark", choices=("humaneval", "mbpp"), required=True)
+    evaluate.add_argument("--mbpp-path", default=None, help="MBPP problems as JSONL (default: the hub)")
+    evaluate.add_argument("--sandbox", choices=("auto", "docker", "bwrap", "none"), default="auto")
+    evaluate.add_argument("--style", choices=("completion", "chat"), default="completion")
+    evaluate.add_argument("--timeout", type=float, default=10.0, help="seconds per sample")
+    evaluate.add_argument("--out", default=None, help="write one verdict per sample as JSONL")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    from tasks.config import ConfigError
+
+    try:
+        return COMMANDS[args.command](args)
+    except (ConfigError, FileNotFoundError, ValueError) as exc:
+        print(f"qrobust: error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        print("qrobust: interrupted; run the same command again to resume from cache", file=sys.stderr)
+        return 130
+
+
+def cmd_run(args) -> int:
+    from rich.console import Console
+
+    from tasks.config import load_grid
+    from tasks.workspace import Workspace
+
+    grid = load_grid(args.grid)
+    console = Console(stderr=True)
+    if args.dry_run:
+        _print_cells(grid, console)
+        return 0
+    _check_sandbox(grid)
+    workspace = Workspace.at(args.workspace)
+    from flows.grid import run_grid
+
+    summary = run_grid(grid, workspace, console)
+    console.print(
+        f"grid {grid.name!r}: {summary['done']} cells done, {summary['failed']} failed "
+        f"in {summary['seconds']:.1f}s; store: {workspace.store_path}"
+    )
+    if not args.no_report:
+        paths = _write_report(workspace)
+        print(f"report: {paths['html']}")
+    return 1 if summary["failed"] else 0
+
+
+def _check_sandbox(grid) -> None:
+    """Fail before any model work if the configured sandbox cannot run."""
+    from sandbox import SandboxUnavailable, resolve_backend
+
+    try:
+        resolve_backend(grid.sandbox.backend)
+    except SandboxUnavailable as exc:
+        raise ValueError(str(exc)) from None
+
+
+def _print_cells(grid, console) -> None:
+    from rich.table import Table
+
+    table = Table(title=f"grid {grid.name}: {len(grid.cells())} cells")
+    for column in ("cell", "model", "family", "method", "benchmark", "problems", "settings"):
+        table.add_column(column)
+    g = grid.generation
+    for cell in grid.cells():
+        b = cell.benchmark
+        settings = f"max_new_tokens={g.max_new_tokens} temperature={g.temperature} n={g.n_samples}"
+        if cell.model.family == "diffusion":
+            settings += f" steps={g.steps} alg={g.alg} block={g.block_length}"
+        table.add_row(cell.cell_id, cell.model.name, cell.model.family, cell.method.label, b.name,
+                      str(b.limit or "all"), settings)
+    console.print(table)
+
+
+def _write_report(workspace) -> dict:
+    from tasks.report import write_report
+
+    return write_report(workspace.store_path, workspace.report_dir)
+
+
+def cmd_report(args) -> int:
+    from tasks.workspace import Workspace
+
+    paths = _write_report(Workspace.at(args.workspace))
+    print(f"report: {paths['html']}\nmarkdown: {paths['markdown']}")
+    return 0
+
+
+def cmd_status(args) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from tasks.store import query
+    from tasks.workspace import Workspace
+
+    workspace = Workspace.at(args.workspace)
+    runs = query(workspace.store_path, """
+        SELECT r.cell_id, r.model, r.method, r.bits, r.budget, r.benchmark, r.status, r.error,
+               (SELECT string_agg(DISTINCT e.state, ',') FROM stage_events e
+                 WHERE e.cell_id = r.cell_id AND e.stage = 'generate') AS generate_states
+        FROM runs r ORDER BY r.model, r.benchmark, r.method, r.bits""")
+    table = Table(title=f"cells in {workspace.store_path}")
+    for column in ("cell", "model", "method", "bits/budget", "benchmark", "status", "generation", "error"):
+        table.add_column(column)
+    for row in runs.itertuples(index=False):
+        size = row.budget if row.method == "hawq" else row.bits
+        table.add_row(row.cell_id, row.model, row.method, "" if size is None else str(size), row.benchmark,
+                      row.status, row.generate_states or "", (row.error or "")[:80])
+    if args.grid:
+        from tasks.config import load_grid
+
+        done = set(runs["cell_id"])
+        for cell in load_grid(args.grid).cells():
+            if cell.cell_id not in done:
+                table.add_row(cell.cell_id, cell.model.name, cell.method.label, "", cell.benchmark.name,
+                              "pending", "", "")
+    Console().print(table)
+    return 0
+
+
+def cmd_sql(args) -> int:
+    from tasks.store import query
+    from tasks.workspace import Workspace
+
+    df = query(Workspace.at(args.workspace).store_path, args.query)
+    if args.format == "table":
+        from rich.console import Console
+        from rich.table import Table
+
+        table = Table()
+        for column in df.columns:
+            table.add_column(str(column))
+        for row in df.itertuples(index=False):
+            table.add_row(*("" if v is None else str(v) for v in row))
+        Console(width=200).print(table)
+    elif args.format == "csv":
+        _emit(df.to_csv(index=False), args.out)
+    elif args.format == "json":
+        _emit(df.to_json(orient="records", lines=True), args.out)
+    else:
+        if not args.out:
+            raise ValueError("--format parquet needs --out FILE")
+        df.to_parquet(args.out, index=False)
+        print(f"wrote {len(df)} rows to {args.out}")
+    return 0
+
+
+def _emit(text: str, out: str | None) -> None:
+    if out:
+        with open(out, "w") as handle:
+            handle.write(text)
+    else:
+        sys.stdout.write(text)
+
+
+def cmd_export(args) -> int:
+    from pathlib import Path
+
+    from tasks.store import connect
+    from tasks.workspace import Workspace
+
+    workspace = Workspace.at(args.workspace)
+    out = Path(args.out or workspace.root / "export")
+    out.mkdir(parents=True, exist_ok=True)
+    with connect(workspace.store_path, read_only=True) as con:
+        tables = [row[0] for row in con.execute("SELECT table_name FROM information_schema.tables").fetchall()]
+        for name in tables:
+            con.execute(f"COPY (SELECT * FROM {name}) TO '{out / name}.parquet' (FORMAT parquet)")
+    print(f"exported {len(tables)} tables to {out}")
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    import json
+
+    from tasks.config import BenchmarkSpec, SandboxSpec
+    from tasks.execute import evaluate_sample_file
+    from tasks.stats import pass_at_k_table
+
+    spec = BenchmarkSpec(name=args.benchmark, path=args.mbpp_path)
+    backend, verdicts = evaluate_sample_file(
+        args.samples, spec, SandboxSpec(backend=args.sandbox, timeout_s=args.timeout), style=args.style
+    )
+    if args.out:
+        with open(args.out, "w") as out:
+            for verdict in verdicts:
+                out.write(json.dumps({**verdict, "sandbox": backend}) + "\n")
+    for k, estimate in pass_at_k_table(verdicts).items():
+        print(f"pass@{k}: {estimate:.4f}")
+    print(f"{len(verdicts)} samples judged in the {backend} sandbox")
+    return 0
+
+
+COMMANDS = {
+    "run": cmd_run,
+    "status": cmd_status,
+    "sql": cmd_sql,
+    "report": cmd_report,
+    "export": cmd_export,
+    "evaluate": cmd_evaluate,
+}
+
+if __name__ == "__main__":
+    sys.exit(main())

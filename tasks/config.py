@@ -1,0 +1,426 @@
+"""Typed, frozen configuration of a grid, parsed from TOML.
+
+Every config object is a frozen dataclass; `config_hash` of its canonical JSON is the
+cache key of whatever it configures. Bad input raises `ConfigError` with a one-line
+message naming the bad value and the allowed ones.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DATA_DIR = REPO_ROOT / "data"
+GRIDS_DIR = DATA_DIR / "grids"
+
+FAMILIES = ("ar", "diffusion")
+METHODS = ("fp", "rtn", "gptq", "hawq")
+ALLOWED_BITS = (2, 3, 4, 8)
+BENCHMARKS = ("humaneval", "mbpp")
+DIFFUSION_ALGS = ("origin", "maskgit_plus", "topk_margin", "entropy")
+TRACE_ESTIMATORS = ("hutchinson", "activation")
+TIE_POLICIES = ("none", "qkv", "qkv+gate_up")
+SANDBOX_BACKENDS = ("auto", "docker", "bwrap", "none")
+PROMPT_STYLES = ("completion", "chat")
+
+
+class ConfigError(ValueError):
+    """A grid or model configuration is invalid; the message is one line for the user."""
+
+
+def config_hash(obj: Any) -> str:
+    """Content hash of a config (or any JSON-able value): the cache key."""
+    return hashlib.sha256(canonical_json(obj).encode()).hexdigest()[:16]
+
+
+def canonical_json(obj: Any) -> str:
+    if dataclasses.is_dataclass(obj):
+        obj = dataclasses.asdict(obj)
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
+
+
+def _choice(value: Any, allowed: tuple, what: str) -> Any:
+    if value not in allowed:
+        raise ConfigError(f"unknown {what} {value!r}; allowed: {', '.join(map(str, allowed))}")
+    return value
+
+
+def _positive(value: Any, what: str, allow_zero: bool = False) -> Any:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if not ok or value < 0 or (value == 0 and not allow_zero):
+        raise ConfigError(f"{what} must be a positive number, got {value!r}")
+    return value
+
+
+# --------------------------------------------------------------------------- models
+
+@dataclass(frozen=True)
+class TinyArchitecture:
+    """A Qwen3-architecture model small enough to build, train and quantize on a CPU."""
+
+    vocab_size: int = 1024
+    hidden_size: int = 64
+    intermediate_size: int = 128
+    num_hidden_layers: int = 2
+    num_attention_heads: int = 4
+    num_key_value_heads: int = 2
+    head_dim: int = 16
+    max_position_embeddings: int = 1024
+    init_seed: int = 0
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A model of one family: a tiny one the project builds, or a Hugging Face checkpoint."""
+
+    name: str
+    family: str
+    hf_id: str | None = None
+    tiny: TinyArchitecture | None = None
+    mask_token_id: int | None = None
+    logits_shift: bool = True
+    dtype: str = "float32"
+    prompt_style: str = "completion"
+    trust_remote_code: bool = False
+    training: "TrainingSpec | None" = None
+
+    def __post_init__(self) -> None:
+        _choice(self.family, FAMILIES, "model family")
+        _choice(self.prompt_style, PROMPT_STYLES, "prompt style")
+        if (self.hf_id is None) == (self.tiny is None):
+            raise ConfigError(f"model {self.name!r} needs exactly one of hf_id or a tiny architecture")
+
+
+@dataclass(frozen=True)
+class TrainingSpec:
+    """Training of a tiny demo model on the prompts and solutions of benchmark problems."""
+
+    steps: int = 300
+    learning_rate: float = 3e-3
+    batch_size: int = 8
+    seed: int = 0
+    humaneval_problems: int = 20
+    mbpp_problems: int = 20
+
+
+BUILTIN_MODELS: dict[str, ModelSpec] = {
+    # bfloat16 because gptqmodel's CPU kernels run in half precision: the fp baseline must
+    # run in the same dtype as the quantized models it is compared with.
+    "tiny-ar": ModelSpec(name="tiny-ar", family="ar", tiny=TinyArchitecture(), dtype="bfloat16"),
+    "tiny-diffusion": ModelSpec(name="tiny-diffusion", family="diffusion", tiny=TinyArchitecture(), dtype="bfloat16"),
+    "qwen3-1.7b": ModelSpec(
+        name="qwen3-1.7b", family="ar", hf_id="Qwen/Qwen3-1.7B", dtype="bfloat16", prompt_style="chat"
+    ),
+    "coda-1.7b": ModelSpec(
+        name="coda-1.7b",
+        family="diffusion",
+        hf_id="Salesforce/CoDA-v0-Instruct",
+        mask_token_id=151669,
+        dtype="bfloat16",
+        prompt_style="chat",
+    ),
+}
+
+
+# --------------------------------------------------------------------------- methods
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """One quantization configuration: a column of the grid."""
+
+    name: str
+    bits: int | None = None
+    budget: float | None = None
+    group_size: int = 32
+    sym: bool = True
+    estimator: str = "hutchinson"
+    tie: str = "qkv"
+    probes: int = 16
+    trace_tolerance: float = 0.05
+
+    def __post_init__(self) -> None:
+        _choice(self.name, METHODS, "method")
+        if self.name in ("rtn", "gptq"):
+            if self.bits not in ALLOWED_BITS:
+                raise ConfigError(
+                    f"bits {self.bits!r} not allowed for {self.name}; allowed: {', '.join(map(str, ALLOWED_BITS))}"
+                )
+        if self.name == "hawq":
+            if self.budget is None or not (min(ALLOWED_BITS) <= self.budget <= max(ALLOWED_BITS)):
+                raise ConfigError(
+                    f"hawq budget {self.budget!r} must be an average bit-width between {min(ALLOWED_BITS)} and {max(ALLOWED_BITS)}"
+                )
+            _choice(self.estimator, TRACE_ESTIMATORS, "trace estimator")
+            _choice(self.tie, TIE_POLICIES, "tie policy")
+        if self.group_size != -1 and (not isinstance(self.group_size, int) or self.group_size < 1):
+            raise ConfigError(f"group_size {self.group_size!r} must be a positive integer or -1 (per row)")
+
+    @property
+    def label(self) -> str:
+        if self.name == "fp":
+            return "fp"
+        if self.name == "hawq":
+            return f"hawq-{self.budget:g}"
+        return f"{self.name}-w{self.bits}g{self.group_size}"
+
+    @property
+    def quantizes(self) -> bool:
+        return self.name != "fp"
+
+
+# --------------------------------------------------------------------------- benchmarks
+
+@dataclass(frozen=True)
+class BenchmarkSpec:
+    """Which problems of a benchmark to run; `path` points MBPP at a local JSONL file."""
+
+    name: str
+    limit: int | None = None
+    task_ids: tuple[str, ...] = ()
+    path: str | None = None
+
+    def __post_init__(self) -> None:
+        _choice(self.name, BENCHMARKS, "benchmark")
+        if self.limit is not None:
+            _positive(self.limit, f"{self.name} limit")
+
+
+# --------------------------------------------------------------------------- generation
+
+@dataclass(frozen=True)
+class GenerationSpec:
+    """Decoding settings shared by both families; the diffusion sampler adds its own."""
+
+    max_new_tokens: int = 128
+    n_samples: int = 1
+    temperature: float = 0.0
+    top_p: float | None = None
+    top_k: int | None = None
+    seed: int = 0
+    batch_size: int = 8
+    shard_size: int = 8
+    # diffusion sampler (CoDA / Dream style; block_length switches to LLaDA-style blocks)
+    steps: int = 64
+    alg: str = "entropy"
+    alg_temp: float | None = None
+    eps: float = 1e-3
+    block_length: int | None = None
+
+    def __post_init__(self) -> None:
+        _positive(self.max_new_tokens, "max_new_tokens")
+        _positive(self.n_samples, "n_samples")
+        _positive(self.temperature, "temperature", allow_zero=True)
+        _positive(self.steps, "steps")
+        _positive(self.shard_size, "shard_size")
+        _positive(self.batch_size, "batch_size")
+        _choice(self.alg, DIFFUSION_ALGS, "diffusion alg")
+        if self.n_samples > 1 and self.temperature == 0:
+            raise ConfigError(f"n_samples {self.n_samples} needs temperature > 0 (greedy samples are identical)")
+
+
+@dataclass(frozen=True)
+class CalibrationSpec:
+    """Calibration inputs for GPTQ and the Hessian: a local corpus or a Hugging Face dataset."""
+
+    source: str = "humaneval"
+    n_samples: int = 16
+    seq_len: int = 128
+    seed: int = 0
+    mask_ratios: tuple[float, ...] = (0.1, 0.3, 0.5, 0.7, 0.9)
+    dataset_split: str = "train"
+    dataset_text_field: str = "text"
+
+    def __post_init__(self) -> None:
+        _positive(self.n_samples, "calibration n_samples")
+        _positive(self.seq_len, "calibration seq_len")
+        for ratio in self.mask_ratios:
+            if not 0 < ratio <= 1:
+                raise ConfigError(f"mask ratio {ratio!r} must lie in (0, 1]")
+
+
+@dataclass(frozen=True)
+class SandboxSpec:
+    backend: str = "auto"
+    timeout_s: float = 10.0
+    memory_mb: int = 1024
+
+    def __post_init__(self) -> None:
+        _choice(self.backend, SANDBOX_BACKENDS, "sandbox backend")
+        _positive(self.timeout_s, "sandbox timeout_s")
+
+
+@dataclass(frozen=True)
+class PairSpec:
+    """A diffusion model and the AR model it is compared with."""
+
+    diffusion: str
+    ar: str
+
+
+@dataclass(frozen=True)
+class GridConfig:
+    name: str
+    models: tuple[ModelSpec, ...]
+    methods: tuple[MethodSpec, ...]
+    benchmarks: tuple[BenchmarkSpec, ...]
+    pairs: tuple[PairSpec, ...] = ()
+    generation: GenerationSpec = field(default_factory=GenerationSpec)
+    calibration: CalibrationSpec = field(default_factory=CalibrationSpec)
+    sandbox: SandboxSpec = field(default_factory=SandboxSpec)
+
+    def cells(self) -> list["Cell"]:
+        return [
+            Cell(model=m, method=q, benchmark=b, generation=self.generation, calibration=self.calibration)
+            for m in self.models
+            for q in self.methods
+            for b in self.benchmarks
+        ]
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One model x quantization x benchmark run of the grid."""
+
+    model: ModelSpec
+    method: MethodSpec
+    benchmark: BenchmarkSpec
+    generation: GenerationSpec
+    calibration: CalibrationSpec
+
+    @property
+    def cell_id(self) -> str:
+        return config_hash(self)
+
+    @property
+    def label(self) -> str:
+        return f"{self.model.name}/{self.method.label}/{self.benchmark.name}"
+
+
+# --------------------------------------------------------------------------- parsing
+
+def _build(cls: type, raw: dict, what: str, **extra: Any) -> Any:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{what} must be a table, got {raw!r}")
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - names)
+    if unknown:
+        raise ConfigError(f"unknown key {unknown[0]!r} in {what}; allowed: {', '.join(sorted(names))}")
+    values = {k: tuple(v) if isinstance(v, list) else v for k, v in raw.items()}
+    values.update(extra)
+    try:
+        return cls(**values)
+    except TypeError as exc:  # a missing required key
+        raise ConfigError(f"{what}: {exc}") from None
+
+
+def _parse_model(raw: Any) -> ModelSpec:
+    if isinstance(raw, str):
+        raw = {"name": raw}
+    if not isinstance(raw, dict) or "name" not in raw:
+        raise ConfigError(f"a model entry needs a name, got {raw!r}")
+    raw = dict(raw)
+    name = raw["name"]
+    base = BUILTIN_MODELS.get(name)
+    if base is None and "hf_id" not in raw and "tiny" not in raw:
+        raise ConfigError(
+            f"unknown model {name!r}; allowed: {', '.join(BUILTIN_MODELS)} or a table with hf_id and family"
+        )
+    if "tiny" in raw:
+        raw["tiny"] = _build(TinyArchitecture, raw["tiny"], f"model {name!r} tiny")
+    if "training" in raw:
+        raw["training"] = _build(TrainingSpec, raw["training"], f"model {name!r} training")
+    if base is not None:
+        merged = dataclasses.asdict(base)
+        merged["tiny"] = base.tiny
+        merged["training"] = base.training
+        merged.update(raw)
+        raw = merged
+    return _build(ModelSpec, raw, f"model {name!r}")
+
+
+def _parse_methods(raw: Any) -> list[MethodSpec]:
+    if not isinstance(raw, dict) or "name" not in raw:
+        raise ConfigError(f"a method entry needs a name, got {raw!r}")
+    raw = dict(raw)
+    _choice(raw["name"], METHODS, "method")
+    bits_list = raw.pop("bits", None)
+    budgets = raw.pop("budgets", None)
+    if raw["name"] in ("rtn", "gptq"):
+        if bits_list is None:
+            raise ConfigError(f"method {raw['name']} needs bits = [...]; allowed: {', '.join(map(str, ALLOWED_BITS))}")
+        bits_list = bits_list if isinstance(bits_list, list) else [bits_list]
+        return [_build(MethodSpec, {**raw, "bits": b}, f"method {raw['name']}") for b in bits_list]
+    if raw["name"] == "hawq":
+        if budgets is None:
+            raise ConfigError("method hawq needs budgets = [...] (average bits, e.g. [2.5, 3.5])")
+        budgets = budgets if isinstance(budgets, list) else [budgets]
+        return [_build(MethodSpec, {**raw, "budget": float(b)}, "method hawq") for b in budgets]
+    if bits_list is not None or budgets is not None:
+        raise ConfigError("method fp takes no bits or budgets")
+    return [_build(MethodSpec, raw, "method fp")]
+
+
+def parse_grid(text: str, name: str = "grid") -> GridConfig:
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"malformed grid TOML: {exc}") from None
+    allowed = {"name", "models", "methods", "benchmarks", "pairs", "generation", "calibration", "sandbox"}
+    unknown = sorted(set(raw) - allowed)
+    if unknown:
+        raise ConfigError(f"unknown key {unknown[0]!r} in grid; allowed: {', '.join(sorted(allowed))}")
+    for key in ("models", "methods", "benchmarks"):
+        if not raw.get(key):
+            raise ConfigError(f"grid has no {key}; add at least one [[{key}]] entry")
+    models = tuple(_parse_model(m) for m in raw["models"])
+    methods = tuple(m for entry in raw["methods"] for m in _parse_methods(entry))
+    benchmarks = tuple(_build(BenchmarkSpec, b, "benchmark") for b in raw["benchmarks"])
+    pairs = tuple(_build(PairSpec, p, "pair") for p in raw.get("pairs", []))
+    model_families = {m.name: m.family for m in models}
+    for pair in pairs:
+        for role, family in (("diffusion", "diffusion"), ("ar", "ar")):
+            member = getattr(pair, role)
+            if model_families.get(member) != family:
+                raise ConfigError(f"pair member {member!r} must be a {family} model of this grid")
+    return GridConfig(
+        name=raw.get("name", name),
+        models=models,
+        methods=_unique(methods, "method"),
+        benchmarks=benchmarks,
+        pairs=pairs,
+        generation=_build(GenerationSpec, raw.get("generation", {}), "generation"),
+        calibration=_build(CalibrationSpec, raw.get("calibration", {}), "calibration"),
+        sandbox=_build(SandboxSpec, raw.get("sandbox", {}), "sandbox"),
+    )
+
+
+def _unique(items: tuple, what: str) -> tuple:
+    seen: dict[str, Any] = {}
+    for item in items:
+        if item.label in seen:
+            raise ConfigError(f"duplicate {what} {item.label!r} in grid")
+        seen[item.label] = item
+    return items
+
+
+def bundled_grids() -> list[str]:
+    return sorted(p.stem for p in GRIDS_DIR.glob("*.toml"))
+
+
+def load_grid(path_or_name: str | None) -> GridConfig:
+    """Load a grid from a TOML path, or a bundled grid by name (default: `tiny`)."""
+    name = path_or_name or "tiny"
+    path = Path(name)
+    if not path.suffix and not path.exists():
+        path = GRIDS_DIR / f"{name}.toml"
+        if not path.exists():
+            raise ConfigError(f"unknown grid {name!r}; bundled: {', '.join(bundled_grids())}, or a path to a .toml file")
+    if not path.exists():
+        raise ConfigError(f"grid file {str(path)!r} does not exist")
+    return parse_grid(path.read_text(), name=path.stem)

@@ -1,0 +1,165 @@
+"""The DuckDB store: one file per workspace, written only by the flow's own process.
+
+Writes are idempotent per cell: a cell's rows are replaced inside one transaction, so a
+re-run, a resumed run or a run killed mid-write never leaves duplicate or partial rows.
+Table and column names are fixed: users and scripts query them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from datetime import datetime, timezone
+from pathlib import Path
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS runs (
+    cell_id VARCHAR PRIMARY KEY, model VARCHAR, family VARCHAR, method VARCHAR, bits INTEGER,
+    budget DOUBLE, group_size INTEGER, benchmark VARCHAR, n_samples INTEGER, config_json VARCHAR,
+    config_hash VARCHAR, status VARCHAR, error VARCHAR, sandbox VARCHAR, finished_at TIMESTAMP
+);
+CREATE TABLE IF NOT EXISTS samples (
+    cell_id VARCHAR, model VARCHAR, family VARCHAR, method VARCHAR, bits INTEGER, budget DOUBLE,
+    benchmark VARCHAR, task_id VARCHAR, sample_idx INTEGER, completion VARCHAR, passed BOOLEAN,
+    status VARCHAR, error VARCHAR, gen_seconds DOUBLE, exec_seconds DOUBLE, sandbox VARCHAR,
+    PRIMARY KEY (cell_id, task_id, sample_idx)
+);
+CREATE TABLE IF NOT EXISTS results (
+    cell_id VARCHAR PRIMARY KEY, model VARCHAR, family VARCHAR, method VARCHAR, bits INTEGER,
+    budget DOUBLE, avg_bits DOUBLE, benchmark VARCHAR, n_problems INTEGER, n_samples INTEGER,
+    pass_at_1 DOUBLE, model_bytes BIGINT, peak_mem_bytes BIGINT, gen_tokens_per_s DOUBLE,
+    gen_seconds DOUBLE, quantize_seconds DOUBLE
+);
+CREATE TABLE IF NOT EXISTS pairs (diffusion_model VARCHAR, ar_model VARCHAR, PRIMARY KEY (diffusion_model, ar_model));
+CREATE TABLE IF NOT EXISTS stage_events (
+    cell_id VARCHAR, stage VARCHAR, shard INTEGER, state VARCHAR, seconds DOUBLE, error VARCHAR,
+    at TIMESTAMP
+);
+"""
+
+
+@contextlib.contextmanager
+def connect(path: Path, read_only: bool = False):
+    import duckdb
+
+    if read_only and not Path(path).exists():
+        raise FileNotFoundError(f"no results store at {path}; run `qrobust run` first")
+    con = duckdb.connect(str(path), read_only=read_only)
+    try:
+        if not read_only:
+            con.execute(SCHEMA)
+        yield con
+    finally:
+        con.close()
+
+
+def _cell_columns(cell) -> dict:
+    return {
+        "cell_id": cell.cell_id,
+        "model": cell.model.name,
+        "family": cell.model.family,
+        "method": cell.method.name,
+        "bits": cell.method.bits,
+        "budget": cell.method.budget,
+        "benchmark": cell.benchmark.name,
+    }
+
+
+def _insert(con, table: str, rows: list[dict]) -> None:
+    if not rows:
+        return
+    columns = list(rows[0])
+    placeholders = ", ".join("?" for _ in columns)
+    con.executemany(
+        f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({placeholders})",
+        [[row[c] for c in columns] for row in rows],
+    )
+
+
+def write_pairs(con, pairs) -> None:
+    con.execute("BEGIN TRANSACTION")
+    con.execute("DELETE FROM pairs")
+    _insert(con, "pairs", [{"diffusion_model": p.diffusion, "ar_model": p.ar} for p in pairs])
+    con.execute("COMMIT")
+
+
+def write_cell(con, cell, run_record: dict, samples: list[dict], result: dict | None) -> None:
+    """Replace everything stored for one cell, atomically."""
+    base = _cell_columns(cell)
+    run_row = {
+        **base,
+        "group_size": cell.method.group_size if cell.method.quantizes else None,
+        "n_samples": cell.generation.n_samples,
+        "config_json": json.dumps(run_record["config"], sort_keys=True, default=str),
+        "config_hash": cell.cell_id,
+        "status": run_record["status"],
+        "error": run_record.get("error"),
+        "sandbox": run_record.get("sandbox"),
+        "finished_at": datetime.now(timezone.utc).replace(tzinfo=None),
+    }
+    sample_rows = [{**base, **sample, "sandbox": run_record.get("sandbox")} for sample in samples]
+    con.execute("BEGIN TRANSACTION")
+    try:
+        for table in ("runs", "samples", "results"):
+            con.execute(f"DELETE FROM {table} WHERE cell_id = ?", [cell.cell_id])
+        _insert(con, "runs", [run_row])
+        _insert(con, "samples", sample_rows)
+        if result is not None:
+            _insert(con, "results", [{**base, **result}])
+        con.execute("COMMIT")
+    except Exception:
+        con.execute("ROLLBACK")
+        raise
+
+
+def record_event(con, cell_id: str, stage: str, state: str, seconds: float = 0.0, shard: int | None = None,
+                 error: str | None = None) -> None:
+    _insert(con, "stage_events", [{
+        "cell_id": cell_id, "stage": stage, "shard": shard, "state": state, "seconds": seconds,
+        "error": error, "at": datetime.now(timezone.utc).replace(tzinfo=None),
+    }])
+
+
+def query(path: Path, sql: str):
+    """Run a read-only query; returns a pandas DataFrame."""
+    with connect(path, read_only=True) as con:
+        return con.execute(sql).df()
+
+
+def assemble_cell(checkpoint: dict, generations: list[dict], verdict_manifests: list[dict]) -> tuple[list[dict], dict]:
+    """The sample rows and the result row of a finished cell."""
+    from tasks.execute import read_verdicts
+    from tasks.generate.shard import read_completions
+
+    samples = []
+    for generation, verdicts in zip(generations, verdict_manifests):
+        by_key = {(v["task_id"], v["sample_idx"]): v for v in read_verdicts(verdicts)}
+        for record in read_completions(generation):
+            verdict = by_key[(record["task_id"], record["sample_idx"])]
+            samples.append({
+                "task_id": record["task_id"],
+                "sample_idx": record["sample_idx"],
+                "completion": record["completion"],
+                "passed": verdict["passed"],
+                "status": verdict["status"],
+                "error": verdict["error"] or None,
+                "gen_seconds": record["gen_seconds"],
+                "exec_seconds": verdict["exec_seconds"],
+            })
+    per_problem: dict[str, list[bool]] = {}
+    for sample in samples:
+        per_problem.setdefault(sample["task_id"], []).append(sample["passed"])
+    gen_seconds = sum(g["gen_seconds"] for g in generations)
+    gen_tokens = sum(g["gen_tokens"] for g in generations)
+    result = {
+        "avg_bits": checkpoint.get("avg_bits"),
+        "n_problems": len(per_problem),
+        "n_samples": max((len(v) for v in per_problem.values()), default=0),
+        "pass_at_1": sum(sum(v) / len(v) for v in per_problem.values()) / max(len(per_problem), 1),
+        "model_bytes": max((g["model_bytes"] for g in generations), default=None),
+        "peak_mem_bytes": max((g["peak_mem_bytes"] for g in generations), default=None),
+        "gen_tokens_per_s": gen_tokens / gen_seconds if gen_seconds else None,
+        "gen_seconds": gen_seconds,
+        "quantize_seconds": checkpoint.get("quantize_seconds"),
+    }
+    return samples, result
