@@ -23,6 +23,13 @@ from typing import Mapping, Sequence
 # Widths the GPTQ grid and gptqmodel's packing accept.
 ALLOWED_BITS = range(2, 9)
 TIE_POLICIES = ("none", "qkv", "qkv+gate_up")
+# HiGHS's default tolerances (1e-7, 1e-6) let it call a point optimal that is
+# worse by ~1e-7 of the largest sensitivity; these are its tightest settings.
+_TIGHT_TOLERANCES = {
+    "primal_feasibility_tolerance": 1e-10,
+    "dual_feasibility_tolerance": 1e-10,
+    "mip_feasibility_tolerance": 1e-10,
+}
 
 
 def _check_bits(bits, what: str = "bits") -> None:
@@ -239,7 +246,7 @@ def allocate_bits(
         # scipy forwards the absolute gap to HiGHS but warns that it does not know it.
         warnings.filterwarnings("ignore", message="Unrecognized options", category=RuntimeWarning)
         result = milp(cost, integrality=np.ones(len(columns)), bounds=(0, 1), constraints=constraints,
-                      options={"mip_rel_gap": 0.0, "mip_abs_gap": 0.0})
+                      options={"mip_rel_gap": 0.0, "mip_abs_gap": 0.0, **_TIGHT_TOLERANCES})
     if not result.success:
         raise RuntimeError(f"bit allocation failed: {result.message}")
 

@@ -228,7 +228,7 @@ class GenerationSpec:
 class CalibrationSpec:
     """Calibration inputs for GPTQ and the Hessian: a local corpus or a Hugging Face dataset."""
 
-    source: str = "humaneval"
+    source: str = "stdlib"
     n_samples: int = 16
     seq_len: int = 128
     seed: int = 0

@@ -21,8 +21,10 @@ Conventions
   sampling cells it pairs the draws the two cells made with the same seed, and
   it needs no tie rule. The delta and its interval use all samples.
 - Intervals are percentile-bootstrap intervals (default 95%, 2000 resamples,
-  seed 0). Comparisons between cells resample the same problems for every
-  cell involved, which is what makes them paired.
+  seed 0). Problems are ordered by task_id before resampling, so a result
+  depends only on the data, the seed and the number of resamples.
+  Comparisons between cells resample the same problems for every cell
+  involved, which is what makes them paired.
 """
 
 from __future__ import annotations
@@ -271,6 +273,24 @@ def _one_cell_pass_at_k(samples, ks, resamples, seed, level) -> pd.DataFrame:
     for name, value in spread.items():
         table[name] = np.where(table["k"] == 1, value, np.nan)
     return table[_PASS_AT_K_COLUMNS]
+
+
+REPORTED_KS = (1, 5, 10, 20, 50, 100)
+
+
+def pass_at_k_table(verdicts, ks=REPORTED_KS) -> dict[int, float]:
+    """pass@k point estimates of one cell from verdict records, ``{k: estimate}``.
+
+    ``verdicts`` is an iterable of mappings with task_id, sample_idx and passed
+    (as a sandbox judge returns them). Only the ks that every problem supports
+    (k <= its number of samples) are returned.
+    """
+    problems = problem_outcomes(pd.DataFrame(list(verdicts), columns=["task_id", "sample_idx", "passed"]))
+    if problems.empty:
+        return {}
+    fewest = int(problems["n"].min())
+    n, c = problems["n"].to_numpy(), problems["c"].to_numpy()
+    return {int(k): float(np.mean(pass_at_k(n, c, k))) for k in sorted(ks) if 1 <= k <= fewest}
 
 
 # --------------------------------------------------------------------------- paired comparisons

@@ -33,7 +33,7 @@ CREATE TABLE IF NOT EXISTS results (
 CREATE TABLE IF NOT EXISTS pairs (diffusion_model VARCHAR, ar_model VARCHAR, PRIMARY KEY (diffusion_model, ar_model));
 CREATE TABLE IF NOT EXISTS stage_events (
     cell_id VARCHAR, stage VARCHAR, shard INTEGER, state VARCHAR, seconds DOUBLE, error VARCHAR,
-    at TIMESTAMP
+    recorded_at TIMESTAMP
 );
 """
 
@@ -116,7 +116,7 @@ def record_event(con, cell_id: str, stage: str, state: str, seconds: float = 0.0
                  error: str | None = None) -> None:
     _insert(con, "stage_events", [{
         "cell_id": cell_id, "stage": stage, "shard": shard, "state": state, "seconds": seconds,
-        "error": error, "at": datetime.now(timezone.utc).replace(tzinfo=None),
+        "error": error, "recorded_at": datetime.now(timezone.utc).replace(tzinfo=None),
     }])
 
 

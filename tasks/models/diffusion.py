@@ -51,19 +51,25 @@ def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
 
 
 def enable_bidirectional_attention(model: torch.nn.Module) -> torch.nn.Module:
-    """Mark every attention module (and the config) of `model` as non-causal; returns it.
+    """Mark every attention module and the config of `model` as non-causal; returns it.
 
-    `diffusion_logits` does not depend on these flags (it passes a 4-D mask), but other
-    forwards do: transformers honours `config.is_causal = False` when it builds masks
-    itself, and sdpa uses the module flag when no mask is given. Idempotent.
+    `diffusion_logits` does not need this (it passes a 4-D mask). Forwards that build
+    their own mask from a 2-D padding mask do, e.g. the layer-input capture of a GPTQ
+    run: transformers (checked with 5.24) builds a bidirectional padding mask when
+    `config.is_causal` is False, while the module flags alone fall back to causal as
+    soon as a pad is present. Idempotent; the config flag is saved with the model.
     """
-    for name, module in model.named_modules():
-        if name.endswith("self_attn") and hasattr(module, "is_causal"):
-            module.is_causal = False
+    _mark_attention_modules_non_causal(model)
     config = getattr(model, "config", None)
     if config is not None:
         config.is_causal = False
     return model
+
+
+def _mark_attention_modules_non_causal(model: torch.nn.Module) -> None:
+    for name, module in model.named_modules():
+        if name.endswith("self_attn") and hasattr(module, "is_causal"):
+            module.is_causal = False
 
 
 def diffusion_logits(
@@ -82,7 +88,10 @@ def diffusion_logits(
     position i-1, i.e. the prediction for token i (see `shift_logits_right` for a row's
     first real token). LLaDA uses `logits_shift=False`.
     """
-    enable_bidirectional_attention(model)
+    # Module flags only (harmless beside an explicit mask). The config flag is left to
+    # enable_bidirectional_attention, so that bidirectionality here rests on the 4-D mask
+    # alone and does not vary with the transformers version.
+    _mark_attention_modules_non_causal(model)
     mask = bidirectional_attention_mask(attention_mask, _mask_dtype_for(model))
     output = model(
         input_ids=input_ids,

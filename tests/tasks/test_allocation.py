@@ -117,6 +117,15 @@ def test_sensitivities_refuse_a_trace_of_another_size():
 
 # ---------------------------------------------------------------- allocation
 
+# HiGHS works in doubles with tolerances of 1e-10 on costs scaled to at most 1:
+# "optimal" means optimal up to this fraction of the largest sensitivity.
+SOLVER_SLACK = 1e-8
+
+
+def largest(sensitivity):
+    return max(max(by_bits.values()) for by_bits in sensitivity.values())
+
+
 def total_sensitivity(sensitivity, bits):
     return sum(sensitivity[name][b] for name, b in bits.items())
 
@@ -174,7 +183,7 @@ def test_allocation_is_optimal_against_brute_force(data):
     bits = allocate_bits(sensitivity, n_params, budget, tie_groups=ties)
     best = brute_force_optimum(sensitivity, n_params, budget, ties)
     assert fits(bits, n_params, budget)
-    assert total_sensitivity(sensitivity, bits) <= best + 1e-9 * max(1.0, best)
+    assert total_sensitivity(sensitivity, bits) <= best + SOLVER_SLACK * largest(sensitivity)
 
 
 @settings(max_examples=100, deadline=None)
@@ -195,7 +204,7 @@ def test_larger_budget_never_gives_a_larger_optimal_total(data):
     high = data.draw(st.floats(low, 8.0))
     at_low = total_sensitivity(sensitivity, allocate_bits(sensitivity, n_params, low))
     at_high = total_sensitivity(sensitivity, allocate_bits(sensitivity, n_params, high))
-    assert at_high <= at_low + 1e-9 * max(1.0, at_low)
+    assert at_high <= at_low + SOLVER_SLACK * largest(sensitivity)
 
 
 def test_ample_budget_gives_every_layer_its_least_sensitive_width():

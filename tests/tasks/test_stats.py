@@ -280,6 +280,14 @@ def test_cell_pass_at_k_splits_a_frame_by_cell():
     assert table.set_index("cell_id")["estimate"].to_dict() == {"x": 0.5, "y": 1.0}
 
 
+def test_pass_at_k_table_from_verdict_records_keeps_the_supported_reported_ks():
+    verdicts = cell_samples([[0, 1, 0, 0, 1], [1, 1, 1, 1, 1]]).to_dict("records")
+    table = stats.pass_at_k_table(verdicts)
+    assert list(table) == [1, 5]  # 10 and above need more than 5 samples per problem
+    assert table[1] == pytest.approx((2 / 5 + 1) / 2) and table[5] == 1.0
+    assert stats.pass_at_k_table([]) == {}
+
+
 # --------------------------------------------------------------------------- degradation
 
 

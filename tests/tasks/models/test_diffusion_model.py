@@ -233,3 +233,18 @@ def test_loss_with_empty_loss_mask_is_zero():
     loss_mask = torch.zeros_like(input_ids, dtype=torch.bool)
     loss = masked_diffusion_loss(model, input_ids, attention_mask, loss_mask, MASK_ID, torch.Generator())
     assert loss.item() == 0.0
+
+
+def test_inverse_t_weighting_makes_the_loss_unbiased_for_mean_cross_entropy():
+    # Logits that ignore the input make each position's CE fixed; a position is masked
+    # with probability t and weighted 1/t, so the expected loss is the mean CE exactly
+    # (an unweighted loss would average about half of it).
+    model = PositionTableModel(length=16, vocab=VOCAB)
+    input_ids = torch.randint(0, MASK_ID, (2000, 16), generator=torch.Generator().manual_seed(0))
+    attention_mask = torch.ones_like(input_ids)
+    loss_mask = torch.ones_like(input_ids, dtype=torch.bool)
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        loss = masked_diffusion_loss(model, input_ids, attention_mask, loss_mask, MASK_ID, generator, logits_shift=False)
+        mean_cross_entropy = F.cross_entropy(model.table.expand(2000, -1, -1).reshape(-1, VOCAB), input_ids.flatten())
+    assert abs(loss.item() / mean_cross_entropy.item() - 1) < 0.1

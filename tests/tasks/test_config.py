@@ -1,0 +1,66 @@
+import pytest
+
+from tasks.config import ConfigError, load_grid, parse_grid
+
+MINIMAL = """
+[[models]]
+name = "tiny-ar"
+[[methods]]
+name = "gptq"
+bits = [4]
+[[benchmarks]]
+name = "humaneval"
+limit = 2
+"""
+
+
+def test_bundled_tiny_grid_expands_to_every_model_method_benchmark_cell():
+    grid = load_grid("tiny")
+    assert len(grid.cells()) == len(grid.models) * len(grid.methods) * len(grid.benchmarks)
+    assert {m.label for m in grid.methods} >= {"fp", "rtn-w4g32", "gptq-w2g32", "gptq-w8g32"}
+
+
+def test_cell_id_is_stable_and_changes_with_any_setting():
+    first = parse_grid(MINIMAL).cells()[0]
+    again = parse_grid(MINIMAL).cells()[0]
+    other = parse_grid(MINIMAL.replace("limit = 2", "limit = 3")).cells()[0]
+    assert first.cell_id == again.cell_id
+    assert first.cell_id != other.cell_id
+
+
+@pytest.mark.parametrize(
+    "text, fragment",
+    [
+        (MINIMAL.replace("bits = [4]", "bits = [5]"), "bits 5 not allowed for gptq; allowed: 2, 3, 4, 8"),
+        (MINIMAL.replace('"tiny-ar"', '"gpt-17"'), "unknown model 'gpt-17'"),
+        (MINIMAL.replace('name = "gptq"', 'name = "awq"'), "unknown method 'awq'; allowed: fp, rtn, gptq, hawq"),
+        (MINIMAL.replace('"humaneval"', '"apps"'), "unknown benchmark 'apps'; allowed: humaneval, mbpp"),
+        (MINIMAL + "\n[generation]\nalg = 'best'\n", "unknown diffusion alg 'best'"),
+        (MINIMAL + "\n[generation]\nsteps = 0\n", "steps must be a positive number, got 0"),
+        ("shards = 3\n" + MINIMAL, "unknown key 'shards' in grid"),
+        (MINIMAL + "shards = 3\n", "unknown key 'shards' in benchmark; allowed: limit, name, path, task_ids"),
+        ("[[models]\nname=", "malformed grid TOML"),
+    ],
+)
+def test_bad_input_gives_one_line_message_naming_the_value(text, fragment):
+    with pytest.raises(ConfigError) as error:
+        parse_grid(text)
+    assert fragment in str(error.value)
+    assert "\n" not in str(error.value)
+
+
+def test_hawq_needs_budgets_in_range():
+    text = MINIMAL.replace('name = "gptq"\nbits = [4]', 'name = "hawq"\nbudgets = [9]')
+    with pytest.raises(ConfigError, match="hawq budget 9.0"):
+        parse_grid(text)
+
+
+def test_pairs_must_name_models_of_the_right_family():
+    text = MINIMAL + '\n[[pairs]]\ndiffusion = "tiny-ar"\nar = "tiny-ar"\n'
+    with pytest.raises(ConfigError, match="must be a diffusion model"):
+        parse_grid(text)
+
+
+def test_unknown_grid_name_lists_bundled_grids():
+    with pytest.raises(ConfigError, match="bundled: .*tiny"):
+        load_grid("no-such-grid")
