@@ -168,11 +168,12 @@ def tie_groups_for(module_names: Sequence[str], policy: str) -> list[list[str]]:
 
 def _partition(names: Sequence[str], tie_groups) -> list[list[str]]:
     """Every module in exactly one group: the tie groups, then singletons."""
+    known = set(names)
     seen: set[str] = set()
     groups = []
     for group in tie_groups or []:
         for name in group:
-            if name not in names:
+            if name not in known:
                 raise ValueError(f"tie group member {name!r} has no sensitivity")
             if name in seen:
                 raise ValueError(f"{name!r} appears in more than one tie group")
@@ -199,7 +200,11 @@ def allocate_bits(
     """Widths minimising total sensitivity with average bits <= `budget_bits`.
 
     Exact: binary x[g, b] per (tie group, offered width), one width per group,
-    sum n_g * b * x[g, b] <= budget_bits * sum n, solved to proven optimality.
+    sum n_g * b * x[g, b] <= budget_bits * sum n, solved by HiGHS with zero
+    optimality gap (to ~1e-10 of the largest sensitivity, its tightest
+    tolerance). The budget itself is enforced in exact integer arithmetic.
+    Modules in no tie group choose alone; a tie group chooses among the widths
+    offered to all its members.
     """
     import numpy as np
     from scipy.optimize import LinearConstraint, milp
@@ -210,8 +215,10 @@ def allocate_bits(
     for name in names:
         if n_params.get(name, 0) <= 0:
             raise ValueError(f"{name}: parameter count {n_params.get(name)!r}; need a positive count")
-        for bits in sensitivity[name]:
+        for bits, value in sensitivity[name].items():
             _check_bits(bits, f"{name} bit option")
+            if not math.isfinite(value):
+                raise ValueError(f"{name}: sensitivity at {bits} bits is {value}; must be finite")
     if not math.isfinite(budget_bits):
         raise ValueError(f"budget_bits={budget_bits}; must be a finite number of bits per weight")
 
@@ -243,7 +250,7 @@ def allocate_bits(
         LinearConstraint(np.array([[u // unit for u in usage]], dtype=float), -np.inf, limit // unit),
     ]
     with warnings.catch_warnings():
-        # scipy forwards the absolute gap to HiGHS but warns that it does not know it.
+        # scipy passes these HiGHS options through verbatim but warns that it does not know them.
         warnings.filterwarnings("ignore", message="Unrecognized options", category=RuntimeWarning)
         result = milp(cost, integrality=np.ones(len(columns)), bounds=(0, 1), constraints=constraints,
                       options={"mip_rel_gap": 0.0, "mip_abs_gap": 0.0, **_TIGHT_TOLERANCES})

@@ -218,20 +218,29 @@ def hutchinson_traces(
     """Hutchinson estimates of tr(H_ll) for every quantizable Linear's weight.
 
     H is the Hessian of mean(loss_fn(model, b) for b in batches). Each probe
-    costs one Hessian-vector product over all batches. Stops after `probes`
-    probes, or earlier, once at least `min_probes` have run, as soon as every
-    layer's relative standard error is below `tolerance`.
+    costs one Hessian-vector product over all batches (a forward and two
+    backward passes per batch). Stops after `probes` probes, or, with a
+    `tolerance`, as soon as at least `min_probes` have run and every layer's
+    relative standard error (stderr / |mean|) is below it. The standard error
+    is infinite after a single probe.
+
+    The model is put in eval mode and, for transformers models, switched to
+    eager attention for the call; both, and every parameter's requires_grad,
+    are restored afterwards.
     """
     import torch
 
     if not batches:
         raise ValueError("batches is empty; need at least one calibration batch")
-    if min_probes < 2:
-        raise ValueError(f"min_probes={min_probes}; need at least 2 to estimate a standard error")
-    if probes < min_probes:
-        raise ValueError(f"probes={probes} is below min_probes={min_probes}")
-    if tolerance is not None and not tolerance > 0:
-        raise ValueError(f"tolerance={tolerance}; must be positive or None")
+    if probes < 1:
+        raise ValueError(f"probes={probes}; need at least 1")
+    if tolerance is not None:
+        if not tolerance > 0:
+            raise ValueError(f"tolerance={tolerance}; must be positive or None")
+        if min_probes < 2:
+            raise ValueError(f"min_probes={min_probes}; need at least 2 to judge a standard error")
+        if probes < min_probes:
+            raise ValueError(f"probes={probes} is below min_probes={min_probes}")
 
     linears = quantizable_linears(model)
     _require_float32(linears)

@@ -192,8 +192,11 @@ def diffusion_generate(
     generator: torch.Generator,
     return_stats: bool = False,
 ) -> torch.Tensor | tuple[torch.Tensor, DiffusionGenerationStats]:
-    """Denoise `max_new_tokens` mask tokens after each left-padded prompt; returns the
-    answer tokens, LongTensor [B, max_new_tokens] (and the stats if `return_stats`).
+    """Denoise `max_new_tokens` mask tokens appended to each prompt; returns the answer
+    tokens, LongTensor [B, max_new_tokens] (and the stats if `return_stats`).
+
+    Prompts are usually left padded; `diffusion_logits` makes pads invisible, so a row's
+    answer does not depend on its padding or on the other rows when sampling is greedy.
 
     `generator` must live on the prompt's device (random draws are as large as the logits).
     It is not used at all when sampling is greedy, `alg` is not `origin`, `alg_temp` is

@@ -104,15 +104,19 @@ def diffusion_logits(
 
 
 def shift_logits_right(logits: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """Position i takes the logits of position i-1, so that it scores token i.
+    """Each real position takes the logits of the real position before it, so that it
+    scores its own token (Dream's `cat([logits[:, :1], logits[:, :-1]])` on an unpadded row).
 
-    A row's first real token has no real predecessor; it keeps its own logits, as position
-    0 does in an unpadded row. So a left-padded row is shifted exactly as it would be alone
-    (taking the pad position's logits instead would make the result depend on padding).
+    Pads are skipped, so a padded row is shifted exactly as it would be alone: a row's first
+    real token keeps its own logits, as position 0 does in an unpadded row, and the first
+    token after a run of pads looks past them.
     """
-    previous = torch.cat([logits[:, :1], logits[:, :-1]], dim=1)
-    previous_is_real = F.pad(attention_mask[:, :-1], (1, 0)).bool()
-    return torch.where(previous_is_real[..., None], previous, logits)
+    batch, length = attention_mask.shape
+    positions = torch.arange(length, device=logits.device)
+    real_positions = torch.where(attention_mask.bool(), positions, -1)
+    previous_real = F.pad(real_positions.cummax(dim=1).values[:, :-1], (1, 0), value=-1)
+    source = torch.where(previous_real >= 0, previous_real, positions)
+    return logits[torch.arange(batch, device=logits.device)[:, None], source]
 
 
 def _mask_dtype_for(model: torch.nn.Module) -> torch.dtype:

@@ -247,6 +247,11 @@ def test_a_module_in_two_tie_groups_is_refused():
         allocate_bits(sensitivity, dict.fromkeys("abc", 1), 4.0, tie_groups=[["a", "b"], ["b", "c"]])
 
 
+def test_non_finite_sensitivity_is_refused():
+    with pytest.raises(ValueError, match="b: sensitivity at 4 bits is nan; must be finite"):
+        allocate_bits({"a": {4: 0.0}, "b": {4: float("nan")}}, {"a": 1, "b": 1}, 4.0)
+
+
 def test_average_bits_weights_by_parameter_count():
     assert average_bits({"a": 2, "b": 8}, {"a": 300, "b": 100}) == 3.5
 
@@ -286,11 +291,11 @@ def test_gptqmodel_resolves_each_module_to_exactly_its_allocated_bits():
     names = module_names(12)
     bits = {n: BIT_OPTIONS[i % 4] for i, n in enumerate(names)}
     config = QuantizeConfig(bits=4, group_size=32, dynamic=dynamic_map(bits, default_bits=4))
-    # layers.1 and layers.10 share a prefix: only exact keys keep them apart.
+    # Twelve layers, so that layers.1 and layers.10-11 are all present.
     assert {n: config.dynamic_get(n, "bits", config.bits) for n in names} == bits
 
 
-def test_quantized_checkpoint_carries_the_allocated_bits(tmp_path):
+def test_quantized_checkpoint_carries_the_allocated_bits(tmp_path, monkeypatch):
     from gptqmodel import GPTQModel, QuantizeConfig
     from safetensors import safe_open
     from transformers import Qwen3Config, Qwen3ForCausalLM
@@ -304,6 +309,7 @@ def test_quantized_checkpoint_carries_the_allocated_bits(tmp_path):
     bits = dict(zip(names, [2, 2, 2, 8, 3, 3, 4, 8, 8, 8, 2, 4, 4, 3]))
     dynamic = dynamic_map(bits, default_bits=4)
 
+    monkeypatch.chdir(tmp_path)  # gptqmodel writes per-run logs into ./logs
     model = GPTQModel.from_pretrained(str(tmp_path / "fp"), QuantizeConfig(bits=4, group_size=32, dynamic=dynamic))
     generator = torch.Generator().manual_seed(1)
     model.quantize([{"input_ids": torch.randint(0, 256, (1, 32), generator=generator),

@@ -376,7 +376,8 @@ def test_filtered_probabilities_are_renormalised_over_the_kept_tokens():
 
 # --- a real model ---------------------------------------------------------------------------
 
-def test_a_prompt_generates_the_same_alone_and_beside_a_longer_left_padded_prompt():
+@pytest.mark.parametrize("padding_side", ["left", "right"])
+def test_a_prompt_generates_the_same_alone_and_beside_a_longer_prompt(padding_side):
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
     from tasks.models.diffusion import diffusion_logits
@@ -390,9 +391,11 @@ def test_a_prompt_generates_the_same_alone_and_beside_a_longer_left_padded_promp
     mask_id = 95
     short = torch.tensor([[5, 6, 7]])
     long = torch.tensor([[11, 12, 13, 14, 15, 16, 17]])
-    batch_ids = torch.cat([torch.cat([torch.zeros(1, 4, dtype=torch.long), short], dim=1), long])
-    batch_mask = torch.ones_like(batch_ids)
-    batch_mask[0, :4] = 0
+    pads = torch.zeros(1, 4, dtype=torch.long)
+    padded_short = torch.cat([pads, short] if padding_side == "left" else [short, pads], dim=1)
+    batch_ids = torch.cat([padded_short, long])
+    batch_mask = (torch.arange(7) >= 4 if padding_side == "left" else torch.arange(7) < 3).long().expand(2, -1).clone()
+    batch_mask[1] = 1
     for settings in (
         DiffusionSamplerSettings(8, 8, alg="entropy"),
         DiffusionSamplerSettings(8, 4, alg="maskgit_plus", block_length=4, logits_shift=False),

@@ -12,6 +12,7 @@ from tasks.models.diffusion import (
     mask_tokens,
     masked_diffusion_loss,
     position_ids_from_mask,
+    shift_logits_right,
 )
 
 VOCAB = 128
@@ -94,6 +95,17 @@ def test_left_padded_row_gets_the_logits_it_gets_alone(attn_implementation):
     torch.testing.assert_close(batched[1, 3:], alone[0], atol=1e-5, rtol=0)
 
 
+def test_right_padded_row_gets_the_logits_it_gets_alone():
+    model = tiny_qwen3()
+    input_ids, _ = padded_batch()
+    attention_mask = torch.ones_like(input_ids)
+    attention_mask[1, 5:] = 0
+    with torch.no_grad():
+        batched = diffusion_logits(model, input_ids, attention_mask)
+        alone = diffusion_logits(model, input_ids[1:, :5], attention_mask[1:, :5])
+    torch.testing.assert_close(batched[1, :5], alone[0], atol=1e-5, rtol=0)
+
+
 def test_sdpa_and_eager_attention_give_the_same_logits():
     input_ids, attention_mask = padded_batch()
     with torch.no_grad():
@@ -123,6 +135,15 @@ def test_shifted_logits_at_position_i_are_the_models_logits_at_i_minus_1_within_
     # row 1 starts at 3: its first real token keeps its own logits, never a pad's
     assert torch.equal(shifted[1, 4:], unshifted[1, 3:-1])
     assert torch.equal(shifted[1, 3], unshifted[1, 3])
+
+
+def test_shift_takes_each_real_positions_logits_from_the_previous_real_position():
+    logits = torch.arange(5.0).expand(3, -1)[..., None]  # logits[b, i] = i
+    attention_mask = torch.tensor([[1, 1, 1, 1, 1], [0, 0, 1, 1, 1], [1, 0, 0, 1, 1]])
+    sources = shift_logits_right(logits, attention_mask)[..., 0]
+    assert sources[0].tolist() == [0, 0, 1, 2, 3]
+    assert sources[1, 2:].tolist() == [2, 2, 3]
+    assert sources[2, [0, 3, 4]].tolist() == [0, 0, 3]
 
 
 def test_plain_forward_with_padding_is_causal_and_the_check_says_so():
