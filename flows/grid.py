@@ -111,25 +111,26 @@ def _quantized_checkpoint(model_manifest, method: MethodSpec, calibration, works
     from tasks.stages import quantize_task
     from tasks.store import record_event
 
-    dynamic = None
+    allocation = None
     if method.name == "hawq":
-        dynamic = _hawq_dynamic_map(model_manifest, method, calibration, workspace, con)
+        allocation = _hawq_allocation(model_manifest, method, calibration, workspace, con)
     started = time.perf_counter()
-    checkpoint, state = _stage(quantize_task, model_manifest, method, calibration, workspace, dynamic)
+    checkpoint, state = _stage(quantize_task, model_manifest, method, calibration, workspace, allocation)
     record_event(con, f"{model_manifest['name']}/{method.label}", "quantize", state, time.perf_counter() - started)
     return checkpoint
 
 
-def _hawq_dynamic_map(model_manifest, method, calibration, workspace, con) -> dict:
+def _hawq_allocation(model_manifest, method, calibration, workspace, con) -> dict:
+    from tasks.hawq import read_traces
     from tasks.stages import allocation_task, hessian_task
     from tasks.store import record_event, write_layer_sensitivity
 
     traces, state = _stage(hessian_task, model_manifest, method, calibration, workspace)
     record_event(con, f"{model_manifest['name']}/{method.label}", "hessian", state)
-    write_layer_sensitivity(con, model_manifest["name"], traces)
+    write_layer_sensitivity(con, model_manifest["name"], method.estimator, read_traces(traces))
     allocation, state = _stage(allocation_task, model_manifest, method, traces, workspace)
     record_event(con, f"{model_manifest['name']}/{method.label}", "allocation", state)
-    return allocation["dynamic"]
+    return allocation
 
 
 def _generate_cell(cell: Cell, checkpoint, grid, workspace, con, pending, progress) -> None:
@@ -167,7 +168,9 @@ def _drain(pending: list[PendingCell], con, workspace, grid, progress, wait: boo
                 record_event(con, item.cell.cell_id, "execute", future.state.name, shard=index)
             samples, result = assemble_cell(item.checkpoint, item.generations, verdicts)
             backend = verdicts[0]["backend"] if verdicts else None
-            write_cell(con, item.cell, _run_record(item.cell, grid, "done", sandbox=backend), samples, result)
+            record = _run_record(item.cell, grid, "done", sandbox=backend)
+            record["module_bits"] = item.checkpoint.get("module_bits")
+            write_cell(con, item.cell, record, samples, result)
             progress.cell_done(item.cell, result["pass_at_1"])
         except Exception as exc:
             _record_failure(con, item.cell, f"execution failed: {_one_line(exc)}", grid, progress)

@@ -7,7 +7,7 @@ must import nothing but the standard library and must not know the pipeline.
 Protocol
     stdin, or the file named by argv[1]: one JSON request
         {"token": str, "programs": [{"source": str, "timeout_s": float}, ...],
-         "parallel": int, "rlimits": {...}, "output_bytes": int, "scratch": str,
+         "parallel": int, "rlimits": {...}, "output_bytes": int,
          "private_pid_namespace": bool, "deadline_s": float}
     stdout: one line per event, "<token> <json>", each written with a single write:
         {"started": i}                                   program i was spawned
@@ -36,7 +36,7 @@ How "passed" is established, and the threat model
     Exit status 0 alone proves nothing. This defeats sys.exit(0) / raise SystemExit
     before or inside the tests (exec raises), os._exit(0) (no message), printing a fake
     marker (stdout is discarded; the socket is separate), writing a guessed marker to the
-    socket (wrong nonce), monkeypatching os.write / os._exit / builtins / json (the
+    socket (wrong nonce), monkeypatching os.write / os._exit / sys / builtins (the
     prologue captured private references to the functions it needs before the program
     ran; exception names in `except` clauses are bound locally too), and
     fork-and-let-the-child-finish (pid check and kernel credentials).
@@ -85,50 +85,53 @@ import os, sys
 def _judge(payload_fd, report_fd):
     write, getpid, exit_now = os.write, os.getpid, os._exit
     settrace, setprofile = sys.settrace, sys.setprofile
-    any_exception, type_of, text_of = BaseException, type, str
+    any_exception, type_of, text_of, module_type = BaseException, type, str, type(sys)
     pid = getpid()
-    chunks = []
-    while True:
-        chunk = os.read(payload_fd, 1 << 20)
-        if not chunk:
-            break
-        chunks.append(chunk)
-    os.close(payload_fd)
-    import json, resource, types
-    payload = json.loads(b"".join(chunks))
-    seal = b"PASS " + payload["nonce"].encode()
-    source, limits = payload["source"], payload["rlimits"]
-    del payload, chunks
-    os.set_inheritable(report_fd, False)
-    try:
-        with open("/proc/self/oom_score_adj", "w") as f:
-            f.write("1000")  # under memory pressure, kill a program, not the runner
-    except OSError:
-        pass
-    for name, value in limits.items():
-        kind = getattr(resource, name)
-        soft, hard = resource.getrlimit(kind)
-        if hard != resource.RLIM_INFINITY:
-            value = [min(v, hard) for v in value]
-        resource.setrlimit(kind, tuple(value))
 
     def report(kind, exc):
         try:
-            text = type_of(exc).__name__ + ": " + text_of(exc)
+            text = type_of(exc).__name__
+            detail = text_of(exc)
+            if detail:
+                text += ": " + detail
         except any_exception:
-            text = "exception that cannot be printed"
+            text = "an exception that cannot be printed"
         try:
             write(report_fd, (kind + " " + text[:400]).encode("utf-8", "replace"))
         except any_exception:
             pass
 
     try:
-        code = compile(source, "<program>", "exec", dont_inherit=True)
+        chunks = []
+        while True:
+            chunk = os.read(payload_fd, 1 << 20)
+            if not chunk:
+                break
+            chunks.append(chunk)
+        os.close(payload_fd)
+        nonce, limits, source = b"".join(chunks).split(b"\n", 2)
+        del chunks
+        seal = b"PASS " + nonce
+        os.set_inheritable(report_fd, False)
+        try:
+            with open("/proc/self/oom_score_adj", "w") as f:
+                f.write("1000")  # under memory pressure, kill a program, not the runner
+        except OSError:
+            pass
+        import resource
+        for item in limits.decode().split():
+            name, _, values = item.partition("=")
+            kind, wanted = getattr(resource, name), [int(v) for v in values.split(",")]
+            hard = resource.getrlimit(kind)[1]
+            if hard != resource.RLIM_INFINITY:
+                wanted = [min(v, hard) for v in wanted]
+            resource.setrlimit(kind, tuple(wanted))
+        code = compile(source.decode("utf-8", "surrogatepass"), "<program>", "exec", dont_inherit=True)
+        del source
     except any_exception as exc:
         report("ERROR", exc)
         exit_now(2)
-    del source
-    module = types.ModuleType("__main__")
+    module = module_type("__main__")
     sys.modules["__main__"] = module
     sys.argv = ["<program>"]
     try:
@@ -150,7 +153,6 @@ def _judge(payload_fd, report_fd):
 _judge(int(sys.argv[1]), int(sys.argv[2]))
 """
 
-STATUSES = ("passed", "failed", "timeout", "error")
 ERROR_CHARS = 500
 MAX_REPORTS = 8  # a program may spam its socket; the first few messages are enough
 SPAWN_RETRY_S = 3.0  # a fork bomb that is being killed can hold the pids limit briefly
@@ -257,18 +259,18 @@ def remove_tree(path):
 
 
 def rlimits_for(program, limits):
-    """The prologue applies these; values are [soft, hard]."""
+    """The prologue applies these: name -> (soft, hard)."""
     cpu_s = math.ceil(program["timeout_s"]) + 1
     megabyte = 1 << 20
     chosen = {
-        "RLIMIT_AS": [limits["address_space_mb"] * megabyte] * 2,
-        "RLIMIT_FSIZE": [limits["file_size_mb"] * megabyte] * 2,
-        "RLIMIT_NOFILE": [limits["open_files"]] * 2,
-        "RLIMIT_CORE": [0, 0],
-        "RLIMIT_CPU": [cpu_s, cpu_s + 1],
+        "RLIMIT_AS": (limits["address_space_mb"] * megabyte,) * 2,
+        "RLIMIT_FSIZE": (limits["file_size_mb"] * megabyte,) * 2,
+        "RLIMIT_NOFILE": (limits["open_files"],) * 2,
+        "RLIMIT_CORE": (0, 0),
+        "RLIMIT_CPU": (cpu_s, cpu_s + 1),
     }
     if limits.get("processes"):
-        chosen["RLIMIT_NPROC"] = [limits["processes"]] * 2
+        chosen["RLIMIT_NPROC"] = (limits["processes"],) * 2
     return chosen
 
 
@@ -287,7 +289,7 @@ class Judge:
         self.emitter = emitter
         self.limits = request["rlimits"]
         self.output_bytes = int(request.get("output_bytes", 64000))
-        self.scratch = request.get("scratch") or tempfile.gettempdir()
+        self.scratch = tempfile.gettempdir()  # TMPDIR, else /tmp: the sandbox's tmpfs
         self.private_pid_namespace = bool(request.get("private_pid_namespace"))
         self.spawn_lock = threading.Lock()
         self.in_flight = set()  # session ids of running programs
@@ -315,9 +317,8 @@ class Judge:
         return self.decide(outcome, proc.pid, nonce, float(program["timeout_s"]))
 
     def spawn(self, program, nonce, workdir):
-        payload = json.dumps(
-            {"nonce": nonce, "source": program["source"], "rlimits": rlimits_for(program, self.limits)}
-        ).encode("utf-8", "surrogatepass")
+        limits = " ".join("%s=%d,%d" % (name, soft, hard) for name, (soft, hard) in rlimits_for(program, self.limits).items())
+        payload = b"\n".join([nonce.encode(), limits.encode(), program["source"].encode("utf-8", "surrogatepass")])
         payload_fd = memfd_holding(payload)
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         ours.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)

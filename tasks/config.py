@@ -28,6 +28,7 @@ TRACE_ESTIMATORS = ("hutchinson", "activation")
 TIE_POLICIES = ("none", "qkv", "qkv+gate_up")
 SANDBOX_BACKENDS = ("auto", "docker", "bwrap", "none")
 PROMPT_STYLES = ("completion", "chat")
+DEFAULT_MAX_NEW_TOKENS = 128
 
 
 class ConfigError(ValueError):
@@ -99,7 +100,12 @@ class ModelSpec:
 
 @dataclass(frozen=True)
 class TrainingSpec:
-    """Training of a tiny demo model on the prompts and solutions of benchmark problems."""
+    """Training of a tiny demo model on the prompts and solutions of benchmark problems.
+
+    `max_new_tokens` is the answer region the model is trained to fill; it must equal the
+    grid's generation.max_new_tokens (parse_grid checks), and being a field here it is part
+    of the trained model's cache key.
+    """
 
     steps: int = 300
     learning_rate: float = 3e-3
@@ -107,6 +113,17 @@ class TrainingSpec:
     seed: int = 0
     humaneval_problems: int = 20
     mbpp_problems: int = 20
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
+
+    def __post_init__(self) -> None:
+        _positive(self.steps, "training steps")
+        _positive(self.learning_rate, "training learning_rate")
+        _positive(self.batch_size, "training batch_size")
+        _positive(self.max_new_tokens, "training max_new_tokens")
+        _positive(self.humaneval_problems, "training humaneval_problems", allow_zero=True)
+        _positive(self.mbpp_problems, "training mbpp_problems", allow_zero=True)
+        if self.humaneval_problems + self.mbpp_problems == 0:
+            raise ConfigError("training needs at least one problem; set humaneval_problems or mbpp_problems")
 
 
 BUILTIN_MODELS: dict[str, ModelSpec] = {
@@ -197,7 +214,7 @@ class BenchmarkSpec:
 class GenerationSpec:
     """Decoding settings shared by both families; the diffusion sampler adds its own."""
 
-    max_new_tokens: int = 128
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
     n_samples: int = 1
     temperature: float = 0.0
     top_p: float | None = None
@@ -388,16 +405,28 @@ def parse_grid(text: str, name: str = "grid") -> GridConfig:
             member = getattr(pair, role)
             if model_families.get(member) != family:
                 raise ConfigError(f"pair member {member!r} must be a {family} model of this grid")
+    generation = _build(GenerationSpec, raw.get("generation", {}), "generation")
+    _check_training_matches_generation(models, generation)
     return GridConfig(
         name=raw.get("name", name),
         models=models,
         methods=_unique(methods, "method"),
         benchmarks=benchmarks,
         pairs=pairs,
-        generation=_build(GenerationSpec, raw.get("generation", {}), "generation"),
+        generation=generation,
         calibration=_build(CalibrationSpec, raw.get("calibration", {}), "calibration"),
         sandbox=_build(SandboxSpec, raw.get("sandbox", {}), "sandbox"),
     )
+
+
+def _check_training_matches_generation(models: tuple[ModelSpec, ...], generation: GenerationSpec) -> None:
+    """A trained model fills exactly the answer region it was trained on."""
+    for model in models:
+        if model.training is not None and model.training.max_new_tokens != generation.max_new_tokens:
+            raise ConfigError(
+                f"model {model.name!r} training.max_new_tokens {model.training.max_new_tokens} differs from "
+                f"generation.max_new_tokens {generation.max_new_tokens}; set them equal"
+            )
 
 
 def _unique(items: tuple, what: str) -> tuple:

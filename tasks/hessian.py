@@ -54,7 +54,10 @@ import contextlib
 import math
 import re
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
+
+if TYPE_CHECKING:
+    import torch
 
 # The projections GPTQ quantizes in a Llama/Qwen3-style decoder layer (the
 # `module_tree` of gptqmodel's Qwen3 definition); embeddings, norms and lm_head
@@ -89,7 +92,7 @@ class LayerTrace:
         return self.trace_stderr / abs(self.trace_mean)
 
 
-def quantizable_linears(model) -> dict:
+def quantizable_linears(model) -> dict[str, torch.nn.Linear]:
     """Decoder-layer Linear modules that GPTQ quantizes, keyed by their
     `model.named_modules()` name (e.g. `model.layers.0.self_attn.q_proj`)."""
     import torch
@@ -118,15 +121,16 @@ def rademacher_like(tensor, generator):
 
 def hessian_vector_product(model, loss_fn, batches: Sequence, params: list, vector: list) -> list:
     """(H v) for H the Hessian of the mean of `loss_fn` over `batches` with
-    respect to `params`, by double backward (Pearlmutter's trick)."""
+    respect to `params`, by double backward: H v = d(g . v)/dw with g = dL/dw."""
     import torch
 
     product = [torch.zeros_like(p) for p in params]
     for batch in batches:
         loss = loss_fn(model, batch)
-        grads = torch.autograd.grad(loss, params, create_graph=True)
+        # materialize_grads: a layer the loss does not reach has zero curvature, not an error.
+        grads = torch.autograd.grad(loss, params, create_graph=True, materialize_grads=True)
         grad_dot_v = sum((g * v).sum() for g, v in zip(grads, vector))
-        batch_product = torch.autograd.grad(grad_dot_v, params)
+        batch_product = torch.autograd.grad(grad_dot_v, params, materialize_grads=True)
         for total, part in zip(product, batch_product):
             total.add_(part, alpha=1.0 / len(batches))
     return product

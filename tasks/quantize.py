@@ -7,7 +7,6 @@ from disk for generation, exactly as a user would serve it.
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
@@ -17,21 +16,22 @@ from tasks.workspace import Workspace, directory_bytes, read_manifest, write_man
 FULL_PRECISION_BITS = {"float32": 32, "bfloat16": 16, "float16": 16}
 
 
-def quantize_config(method: MethodSpec, dynamic: dict | None = None):
-    """The gptqmodel config for a method (RTN needs no calibration data)."""
+def quantize_config(method: MethodSpec, allocation: dict | None = None):
+    """The gptqmodel config for a method (RTN needs no calibration data).
+
+    For HAWQ, `allocation` holds the allocated `default_bits` and the `dynamic` overrides
+    of every module allocated a different width.
+    """
     from gptqmodel import QuantizeConfig
     from gptqmodel.quantization.config import RTNConfig
 
     if method.name == "rtn":
         return RTNConfig(bits=method.bits, group_size=method.group_size, sym=method.sym)
-    bits = method.bits if method.name == "gptq" else max_bits(dynamic)
-    return QuantizeConfig(
-        bits=bits, group_size=method.group_size, sym=method.sym, desc_act=False, dynamic=dynamic or None
-    )
-
-
-def max_bits(dynamic: dict | None) -> int:
-    return max((rule["bits"] for rule in (dynamic or {}).values()), default=4)
+    if method.name == "gptq":
+        bits, dynamic = method.bits, None
+    else:
+        bits, dynamic = allocation["default_bits"], allocation["dynamic"] or None
+    return QuantizeConfig(bits=bits, group_size=method.group_size, sym=method.sym, desc_act=False, dynamic=dynamic)
 
 
 def quantized_module_bits(checkpoint: Path) -> dict[str, int]:
@@ -76,7 +76,7 @@ def quantize_model(
     method: MethodSpec,
     calibration_manifest: dict | None,
     workspace: Workspace,
-    dynamic: dict | None = None,
+    allocation: dict | None = None,
 ) -> dict:
     """Quantize a model with one method; returns the checkpoint's manifest."""
     if not method.quantizes:
@@ -84,27 +84,31 @@ def quantize_model(
         return {**model_manifest, "method": method.label, "avg_bits": float(bits), "quantize_seconds": 0.0}
     key = config_hash(
         {"model": model_manifest["key"], "method": method, "calibration": (calibration_manifest or {}).get("key"),
-         "dynamic": dynamic}
+         "allocation": allocation and allocation["bits"]}
     )
     directory = workspace.artifact_dir("quantized", key)
     if not (directory / "manifest.json").exists():
-        _quantize_into(model_manifest, method, calibration_manifest, workspace, key, dynamic)
+        _quantize_into(model_manifest, method, calibration_manifest, workspace, key, allocation)
     return read_manifest(directory)
 
 
-def _quantize_into(model_manifest, method, calibration_manifest, workspace, key, dynamic) -> None:
+def _quantize_into(model_manifest, method, calibration_manifest, workspace, key, allocation) -> None:
+    import contextlib
+
     from tasks.calibration import gptq_calibration_examples
     from tasks.models.loading import checkpoint_location, library_output_to, torch_dtype
 
     directory = workspace.artifact_dir("quantized", key)
     log = workspace.logs / f"quantize-{key}.log"
-    with workspace.new_artifact("quantized", key) as scratch, library_output_to(log):
+    # gptqmodel writes a logs/ folder into the working directory; keep it in the workspace
+    with workspace.new_artifact("quantized", key) as scratch, library_output_to(log), \
+            contextlib.chdir(workspace.logs):
         from gptqmodel import GPTQModel
 
         started = time.perf_counter()
         model = GPTQModel.load(
             checkpoint_location(model_manifest),
-            quantize_config(method, dynamic),
+            quantize_config(method, allocation),
             dtype=torch_dtype(model_manifest["dtype"]),
             trust_remote_code=model_manifest.get("trust_remote_code", False),
         )
@@ -130,6 +134,6 @@ def _quantize_into(model_manifest, method, calibration_manifest, workspace, key,
                 "model_bytes": directory_bytes(scratch),
                 "module_bits": quantized_module_bits(scratch),
                 "quantize_seconds": seconds,
-                "dynamic": json.loads(json.dumps(dynamic)) if dynamic else None,
+                "allocated_bits": allocation["bits"] if allocation else None,
             },
         )

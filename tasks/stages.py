@@ -24,12 +24,26 @@ def calibration_task(spec: CalibrationSpec, model_manifest: dict, workspace: Wor
     return build_calibration(spec, model_manifest, workspace)
 
 
+@stage("hessian")
+def hessian_task(model_manifest: dict, method: MethodSpec, calibration: dict, workspace: Workspace) -> dict:
+    from tasks.hawq import compute_layer_traces
+
+    return compute_layer_traces(model_manifest, method, calibration, workspace)
+
+
+@stage("allocation")
+def allocation_task(model_manifest: dict, method: MethodSpec, traces: dict, workspace: Workspace) -> dict:
+    from tasks.hawq import allocate
+
+    return allocate(model_manifest, method, traces, workspace)
+
+
 @stage("quantize")
 def quantize_task(model_manifest: dict, method: MethodSpec, calibration: dict | None, workspace: Workspace,
-                  dynamic: dict | None = None) -> dict:
+                  allocation: dict | None = None) -> dict:
     from tasks.quantize import quantize_model
 
-    return quantize_model(model_manifest, method, calibration, workspace, dynamic)
+    return quantize_model(model_manifest, method, calibration, workspace, allocation)
 
 
 @stage("generate-shard")

@@ -31,6 +31,11 @@ CREATE TABLE IF NOT EXISTS results (
     gen_seconds DOUBLE, quantize_seconds DOUBLE
 );
 CREATE TABLE IF NOT EXISTS pairs (diffusion_model VARCHAR, ar_model VARCHAR, PRIMARY KEY (diffusion_model, ar_model));
+CREATE TABLE IF NOT EXISTS layer_sensitivity (
+    model VARCHAR, layer INTEGER, module VARCHAR, n_params BIGINT, trace DOUBLE, trace_stderr DOUBLE,
+    estimator VARCHAR, PRIMARY KEY (model, module, estimator)
+);
+CREATE TABLE IF NOT EXISTS layer_bits (cell_id VARCHAR, module VARCHAR, bits INTEGER, PRIMARY KEY (cell_id, module));
 CREATE TABLE IF NOT EXISTS stage_events (
     cell_id VARCHAR, stage VARCHAR, shard INTEGER, state VARCHAR, seconds DOUBLE, error VARCHAR,
     recorded_at TIMESTAMP
@@ -100,16 +105,34 @@ def write_cell(con, cell, run_record: dict, samples: list[dict], result: dict | 
     sample_rows = [{**base, **sample, "sandbox": run_record.get("sandbox")} for sample in samples]
     con.execute("BEGIN TRANSACTION")
     try:
-        for table in ("runs", "samples", "results"):
+        for table in ("runs", "samples", "results", "layer_bits"):
             con.execute(f"DELETE FROM {table} WHERE cell_id = ?", [cell.cell_id])
         _insert(con, "runs", [run_row])
         _insert(con, "samples", sample_rows)
         if result is not None:
             _insert(con, "results", [{**base, **result}])
+        module_bits = run_record.get("module_bits") or {}
+        _insert(con, "layer_bits", [{"cell_id": cell.cell_id, "module": m, "bits": b} for m, b in module_bits.items()])
         con.execute("COMMIT")
     except Exception:
         con.execute("ROLLBACK")
         raise
+
+
+def write_layer_sensitivity(con, model: str, estimator: str, traces: dict[str, dict]) -> None:
+    """Replace a model's per-layer traces for one estimator."""
+    import re
+
+    rows = [
+        {"model": model, "layer": int(m.group(1)) if (m := re.search(r"layers\.(\d+)\.", name)) else None,
+         "module": name, "n_params": t["n_params"], "trace": t["trace"], "trace_stderr": t["trace_stderr"],
+         "estimator": estimator}
+        for name, t in traces.items()
+    ]
+    con.execute("BEGIN TRANSACTION")
+    con.execute("DELETE FROM layer_sensitivity WHERE model = ? AND estimator = ?", [model, estimator])
+    _insert(con, "layer_sensitivity", rows)
+    con.execute("COMMIT")
 
 
 def record_event(con, cell_id: str, stage: str, state: str, seconds: float = 0.0, shard: int | None = None,

@@ -271,15 +271,32 @@ def token_probabilities(
     return torch.softmax(logits, dim=-1)
 
 
-def top_p_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:
+def top_p_filter(logits: torch.Tensor, top_p: float, candidates: int = 256) -> torch.Tensor:
     """Keep the smallest set of most probable tokens whose probability reaches `top_p`;
-    the rest get -inf. A token is kept when the mass strictly before it is below top_p."""
+    the rest get -inf. A token is kept when the mass strictly before it is below top_p.
+
+    At real vocabulary sizes a full sort per step costs more than the model's forward
+    pass, so the nucleus is first sought among the `candidates` most probable tokens; only
+    when some row's nucleus is larger is the whole vocabulary sorted. Both routes keep the
+    same set; choosing between them costs one host synchronisation.
+    """
+    if logits.shape[-1] > candidates:
+        values, order = logits.topk(candidates, dim=-1)
+        cumulative = (values - logits.logsumexp(dim=-1, keepdim=True)).exp().cumsum(dim=-1)
+        if bool((cumulative[..., -1] >= top_p).all()):
+            return _keep_nucleus(logits, cumulative, order, top_p)
     sorted_logits, order = logits.sort(dim=-1, descending=True)
-    cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
-    mass_before = F.pad(cumulative[..., :-1], (1, 0))
-    remove_sorted = mass_before >= top_p
-    remove = torch.zeros_like(remove_sorted).scatter(-1, order, remove_sorted)
-    return logits.masked_fill(remove, float("-inf"))
+    return _keep_nucleus(logits, sorted_logits.softmax(dim=-1).cumsum(dim=-1), order, top_p)
+
+
+def _keep_nucleus(
+    logits: torch.Tensor, cumulative: torch.Tensor, order: torch.Tensor, top_p: float
+) -> torch.Tensor:
+    """`cumulative[..., j]` is the probability of the j+1 most probable tokens `order[..., :j+1]`;
+    tokens outside `order` are dropped."""
+    keep_sorted = F.pad(cumulative[..., :-1], (1, 0)) < top_p
+    keep = torch.zeros_like(logits, dtype=torch.bool).scatter(-1, order, keep_sorted)
+    return logits.masked_fill(~keep, float("-inf"))
 
 
 def top_k_filter(logits: torch.Tensor, top_k: int) -> torch.Tensor:

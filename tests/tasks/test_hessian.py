@@ -153,6 +153,14 @@ def test_diagonal_hessian_is_recovered_exactly_with_zero_error():
         assert trace.probes == 4
 
 
+def test_a_layer_the_loss_does_not_reach_has_zero_trace():
+    model = tiny_qwen3()
+    first_six = [1.0] * 6  # the loss leaves out the last projection, down_proj
+    traces = hutchinson_traces(model, squared_weight_loss, [first_six], probes=3, seed=0)
+    assert traces["model.layers.0.mlp.down_proj"].trace_mean == 0.0
+    assert traces["model.layers.0.mlp.up_proj"].trace_mean == pytest.approx(2 * 16 * 8)
+
+
 def test_model_state_is_restored_after_estimation():
     model = tiny_qwen3(attn="sdpa")
     model.train()

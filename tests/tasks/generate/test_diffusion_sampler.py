@@ -348,10 +348,22 @@ def kept_tokens(logits):
     ("top_p", "expected"),
     [(0.45, {2}), (0.79, {2, 0}), (0.81, {2, 0, 3}), (0.96, {0, 1, 2, 3})],
 )
-def test_top_p_keeps_the_smallest_set_reaching_p(top_p, expected):
-    # token 2: .5, token 0: .3, token 3: .15, token 1: .05
+@pytest.mark.parametrize("candidates", [1, 2, 3, 256])
+def test_top_p_keeps_the_smallest_set_reaching_p(top_p, expected, candidates):
+    # token 2: .5, token 0: .3, token 3: .15, token 1: .05; `candidates` below the nucleus
+    # size takes the full-sort route, at or above it the top-candidates route
     logits = torch.tensor([0.3, 0.05, 0.5, 0.15]).log()
-    assert kept_tokens(top_p_filter(logits, top_p)) == expected
+    assert kept_tokens(top_p_filter(logits, top_p, candidates)) == expected
+
+
+def test_top_p_routes_agree_on_random_rows():
+    logits = torch.randn(64, 300, generator=torch.Generator().manual_seed(0)) * 3
+    top_64_mass = logits.softmax(dim=-1).topk(64, dim=-1).values.sum(dim=-1)
+    for top_p in (0.3, 0.7, 0.9):
+        assert (top_64_mass >= top_p).all()  # so the top-candidates route is the one taken
+        full_sort = top_p_filter(logits, top_p, candidates=300)
+        top_candidates = top_p_filter(logits, top_p, candidates=64)
+        assert torch.equal(torch.isfinite(full_sort), torch.isfinite(top_candidates))
 
 
 def test_top_p_filters_each_row_on_its_own():

@@ -1,0 +1,129 @@
+"""Running the runner as a local process: the unisolated backend 'none', and the
+plumbing (request in, events out, watchdog) that the bubblewrap backend shares."""
+
+from __future__ import annotations
+
+import os
+import selectors
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Callable, Sequence
+
+from sandbox.core import Limits
+from sandbox.shard import SandboxFailure, Termination
+
+RUNNER_PATH = Path(__file__).parent / "runner.py"
+STDERR_TAIL_BYTES = 4096
+
+
+def stream_process(
+    command: Sequence[str],
+    request: bytes,
+    watchdog_s: float,
+    on_output: Callable[[bytes], None],
+    *,
+    pass_fds: Sequence[int] = (),
+    env: dict[str, str] | None = None,
+    cwd: str | None = None,
+    user: int | None = None,
+) -> Termination:
+    """Run `command` with `request` on stdin, relay its stdout, kill it at the watchdog."""
+    try:
+        proc = subprocess.Popen(
+            list(command),
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            pass_fds=tuple(pass_fds),
+            env=env,
+            cwd=cwd,
+            start_new_session=True,
+            **({"user": user, "group": user, "extra_groups": []} if user is not None else {}),
+        )
+    except OSError as exc:
+        raise SandboxFailure(f"cannot start {command[0]}: {exc}") from exc
+    feeder = threading.Thread(target=_feed, args=(proc.stdin, request), daemon=True)
+    feeder.start()
+    stderr_tail = bytearray()
+    watchdog_fired = _relay(proc, watchdog_s, on_output, stderr_tail)
+    if watchdog_fired:
+        _kill_group(proc.pid)
+    proc.wait()
+    feeder.join(timeout=5)
+    return Termination(_describe(proc.returncode, bytes(stderr_tail), watchdog_s, watchdog_fired), watchdog_fired)
+
+
+def _feed(stdin, request: bytes) -> None:
+    try:
+        stdin.write(request)
+        stdin.close()
+    except OSError:
+        pass  # the process died first; its exit says why
+
+
+def _relay(proc, watchdog_s, on_output, stderr_tail: bytearray) -> bool:
+    """Copy stdout to on_output and keep a stderr tail until both close; True if timed out."""
+    deadline = time.monotonic() + watchdog_s
+    with selectors.DefaultSelector() as selector:
+        selector.register(proc.stdout, selectors.EVENT_READ, on_output)
+        selector.register(proc.stderr, selectors.EVENT_READ, None)
+        while selector.get_map():
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return True
+            for key, _ in selector.select(remaining):
+                data = os.read(key.fileobj.fileno(), 65536)
+                if not data:
+                    selector.unregister(key.fileobj)
+                elif key.data is not None:
+                    key.data(data)
+                else:
+                    stderr_tail += data
+                    del stderr_tail[:-STDERR_TAIL_BYTES]
+    return False
+
+
+def _kill_group(pid: int) -> None:
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except OSError:
+        pass
+
+
+def _describe(returncode: int, stderr_tail: bytes, watchdog_s: float, watchdog_fired: bool) -> str:
+    if watchdog_fired:
+        return f"watchdog killed the sandbox after {watchdog_s:.0f}s"
+    if returncode < 0:
+        text = f"runner killed by {signal.Signals(-returncode).name}"
+    else:
+        text = f"runner exited with status {returncode}"
+    last = stderr_tail.decode("utf-8", "replace").strip().splitlines()
+    return f"{text}: {last[-1][:200]}" if last else text
+
+
+class UnisolatedBackend:
+    """'none': the runner as a plain subprocess. Per-program rlimits, sessions and a clean
+    environment still apply, but programs see the host's files, network and processes.
+    Only for trusted programs, and only when asked for by name."""
+
+    name = "none"
+    private_pid_namespace = False  # on the host, killing 'stray' processes would hit others
+    limits_processes = False  # RLIMIT_NPROC would count every process of the host user
+
+    def execute(
+        self, request: bytes, limits: Limits, watchdog_s: float, on_output: Callable[[bytes], None]
+    ) -> Termination:
+        scratch = tempfile.mkdtemp(prefix="qrobust-sandbox-")
+        try:
+            command = [sys.executable, "-I", "-S", str(RUNNER_PATH)]
+            # The runner puts each program's scratch directory under TMPDIR.
+            env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "LANG": "C.UTF-8", "TMPDIR": scratch}
+            return stream_process(command, request, watchdog_s, on_output, env=env, cwd=scratch)
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
