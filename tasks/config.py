@@ -159,7 +159,7 @@ class MethodSpec:
     estimator: str = "hutchinson"
     tie: str = "qkv"
     probes: int = 16
-    trace_tolerance: float = 0.05
+    trace_tolerance: float | None = 0.05
 
     def __post_init__(self) -> None:
         _choice(self.name, METHODS, "method")

@@ -4,8 +4,9 @@ The answer region starts as `max_new_tokens` mask tokens appended to the (left-p
 prompt. Each denoising step runs the model once, draws a token for every still-masked
 position, and commits some of them; a committed token never changes again. How many are
 committed at each step is fixed in advance by `denoising_schedule` (it depends only on
-the settings), so the loop needs no host synchronisation; which ones are committed is
-decided by a confidence measure (`alg`).
+the settings), so the loop needs no host synchronisation (top-p filtering alone takes
+one per step, see `top_p_filter`); which ones are committed is decided by a confidence
+measure (`alg`).
 
 `logits_fn(input_ids, attention_mask) -> logits [B, L, V]` must already return logits
 aligned so that position i scores token i (see `tasks.models.diffusion.diffusion_logits`).
