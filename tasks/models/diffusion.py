@@ -81,8 +81,9 @@ def diffusion_logits(
     """Logits [B, L, V] of a decoder run with bidirectional attention over non-pad tokens.
 
     Works for any HF decoder that accepts a prepared 4-D mask and position ids
-    (Qwen3ForCausalLM and the like, also after a gptqmodel reload). Rows may be left
-    padded; the real tokens of a row get the same logits whatever else is in the batch.
+    (Qwen3ForCausalLM and the like, also after a gptqmodel reload). Rows may be padded on
+    either side; the real tokens of a row get the same logits whatever its padding and
+    whatever else is in the batch.
 
     With `logits_shift=True` (CoDA, Dream) output position i holds the model's logits at
     position i-1, i.e. the prediction for token i (see `shift_logits_right` for a row's

@@ -48,7 +48,9 @@ SAMPLE_COLUMNS = "model, method, bits, task_id, sample_idx, completion, status"
 
 
 def _rows(workspace: Workspace, sql: str) -> list[tuple]:
-    return [tuple(r) for r in query(workspace.store_path, sql).itertuples(index=False)]
+    frame = query(workspace.store_path, sql).astype(object)
+    frame = frame.where(frame.notna(), None)
+    return [tuple(r) for r in frame.itertuples(index=False)]
 
 
 def _results(workspace):
