@@ -165,7 +165,12 @@ def cmd_sql(args) -> int:
     from tasks.store import query
     from tasks.workspace import Workspace
 
-    df = query(Workspace.at(args.workspace).store_path, args.query)
+    import duckdb
+
+    try:
+        df = query(Workspace.at(args.workspace).store_path, args.query)
+    except duckdb.Error as exc:
+        raise ValueError(f"query failed: {str(exc).splitlines()[0]}") from None
     if args.format == "table":
         from rich.console import Console
         from rich.table import Table

@@ -6,7 +6,6 @@ failing cell or shard is recorded in the store and the others go on.
 
 from __future__ import annotations
 
-import os
 import time
 from dataclasses import dataclass, field
 
@@ -23,22 +22,8 @@ class PendingCell:
     started: float = field(default_factory=time.perf_counter)
 
 
-def prefect_environment(workspace: Workspace) -> None:
-    """Prefect must start offline on a fresh machine: a generous start-up limit, no analytics."""
-    defaults = {
-        "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180",
-        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-        "PREFECT_LOGGING_LEVEL": "WARNING",
-        "PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW": "ignore",
-        "PREFECT_RESULTS_PERSIST_BY_DEFAULT": "true",
-    }
-    for key, value in defaults.items():
-        os.environ.setdefault(key, value)
-
-
 def run_grid(grid: GridConfig, workspace: Workspace, console=None) -> dict:
     """Run (or resume) a grid; returns a summary {done, failed, seconds}."""
-    prefect_environment(workspace)
     from prefect.settings import PREFECT_RESULTS_LOCAL_STORAGE_PATH, temporary_settings
 
     with temporary_settings({PREFECT_RESULTS_LOCAL_STORAGE_PATH: str(workspace.prefect_results)}):
@@ -54,6 +39,7 @@ def _flow(fn):
 @_flow
 def grid_flow(grid: GridConfig, workspace: Workspace, console=None) -> dict:
     from tasks.store import connect, write_pairs
+    from tasks.views import refresh_statistics
 
     progress = GridProgress(grid, console)
     started = time.perf_counter()
@@ -63,6 +49,7 @@ def grid_flow(grid: GridConfig, workspace: Workspace, console=None) -> dict:
         for model in grid.models:
             _run_model(grid, model, workspace, con, pending, progress)
         _drain(pending, con, workspace, grid, progress, wait=True)
+        refresh_statistics(con)
     progress.close()
     return {**progress.counts, "seconds": time.perf_counter() - started}
 

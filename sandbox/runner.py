@@ -1,4 +1,4 @@
-"""Judge untrusted Python programs, each in its own subprocess. Standard library only.
+"""Judge untrusted Python programs, each in its own process. Standard library only.
 
 This file runs inside the sandbox: the container image holds a copy, the bubblewrap
 backend mounts one, and the unisolated backend 'none' runs it as a plain subprocess. It
@@ -22,50 +22,59 @@ Verdicts
     timeout  it exceeded its wall-clock limit (or its CPU-time backstop)
     error    the harness could not judge it: it does not compile, or could not be started
 
+Processes
+    Programs are forked from a zygote: a fresh interpreter (`python3 -I -S`) that holds
+    no request, token or other program's data, marks itself non-dumpable and forks one
+    child per program on request. Forking costs a fraction of starting an interpreter,
+    and non-dumpable children cannot read or ptrace one another through /proc even
+    though they share a uid. Each child starts its own session, gets /dev/null as stdin
+    and stdout, a pipe as stderr (only a tail of `output_bytes` is kept), its own scratch
+    directory and a clean environment, and then runs the prologue below.
+
 How "passed" is established, and the threat model
-    Each program runs as `python3 -I -S -c PROLOGUE`: a trusted prologue that reads a
-    payload (a fresh random nonce and the program source) from a memfd, closes it, sets
-    resource limits, and exec()s the program in a fresh __main__ module. Only when exec()
-    returns normally, in the same process that was started (os.getpid() unchanged), does
-    the prologue send "PASS <nonce>" over a private AF_UNIX SOCK_SEQPACKET socket and
-    _exit(0). The runner accepts a pass only if
+    The prologue reads a payload (a fresh random nonce, rlimits and the source) from a
+    memfd, closes it, sets the rlimits (address space, processes, file size, open files,
+    CPU-time backstop, no core files) and exec()s the program in a fresh __main__ module.
+    Only when exec() returns normally, in the process that was forked (os.getpid()
+    unchanged), does it send "PASS <nonce>" over a private AF_UNIX SOCK_SEQPACKET socket
+    and _exit(0). The runner accepts a pass only if
       - the message equals "PASS <nonce>" for this program's nonce,
-      - the kernel-attested sender (SCM_CREDENTIALS) is the started process itself,
-        so a forked child can never report, even if it learned the nonce,
+      - the kernel-attested sender (SCM_CREDENTIALS) is the forked process itself,
+        so a child of the program can never report, even if it learned the nonce,
       - and that process then exited with status 0.
     Exit status 0 alone proves nothing. This defeats sys.exit(0) / raise SystemExit
     before or inside the tests (exec raises), os._exit(0) (no message), printing a fake
     marker (stdout is discarded; the socket is separate), writing a guessed marker to the
     socket (wrong nonce), monkeypatching os.write / os._exit / sys / builtins (the
-    prologue captured private references to the functions it needs before the program
-    ran; exception names in `except` clauses are bound locally too), and
-    fork-and-let-the-child-finish (pid check and kernel credentials).
+    prologue bound private references to everything it needs, exception classes
+    included, before the program ran), and fork-and-let-the-child-finish (pid check and
+    kernel credentials).
 
     What an in-process attacker can still do: code that deliberately introspects the
     interpreter (walks frames with sys._getframe, searches gc.get_objects, reads
     /proc/self/mem) can find the nonce and the socket in its own process and forge a
     pass for ITSELF. No in-process scheme can prevent that: the prologue and the program
-    share one address space. It cannot forge a pass for any other program (each has its
-    own socket and nonce, sockets cannot be reopened through /proc, and the runner
-    marks itself non-dumpable so its fds and memory are not readable by programs), and
-    it gains nothing outside the sandbox. Verdict integrity is aimed at model-generated
-    code, which cheats by accident (exit early, swallow failures), not at code written
-    to attack this harness; host isolation does not depend on it at all.
+    share one address space. It cannot forge a pass for another program (each has its
+    own socket and nonce, sockets cannot be reopened through /proc, and programs cannot
+    read each other's memory), nor verdict lines (it never sees the token), and it gains
+    nothing outside the sandbox. Verdict integrity is aimed at model-generated code,
+    which cheats by accident (exits early, swallows failures), not at code written to
+    attack this harness; host isolation does not depend on it at all.
 
 Containment inside the sandbox (the sandbox itself is the real boundary)
-    Every program gets its own session (setsid), scratch directory, clean environment,
-    /dev/null as stdin, discarded stdout, a capped stderr tail, and rlimits: address
-    space, processes, file size, open files, CPU-time backstop, no core files. After it
-    ends, everything left in its session is killed; inside a private PID namespace, any
-    process that escaped into a session of its own is killed too. A program that kills
-    this runner (all programs share one uid) ends the shard early; the host sees which
-    programs had started and re-runs the rest, so one program cannot take others down.
+    When a program ends, everything left in its session is killed; inside a private PID
+    namespace, any process that escaped into a session of its own is killed too. A
+    program that kills the runner or the zygote (all programs share one uid) ends the
+    shard early; the host sees which programs had started and re-runs the rest, so one
+    program cannot take the others down.
 """
 
+import array
 import concurrent.futures
 import json
 import math
 import os
+import queue
 import secrets
 import selectors
 import shutil
@@ -78,10 +87,9 @@ import tempfile
 import threading
 import time
 
-# Runs in the program's own interpreter before the program. Everything it needs after the
-# program has run is bound to a local first, since the program may rebind any global.
+# Runs in the program's process before the program. Everything it needs after the program
+# has run is bound to a local first, since the program may rebind any global or builtin.
 PROLOGUE = r"""
-import os, sys
 def _judge(payload_fd, report_fd):
     write, getpid, exit_now = os.write, os.getpid, os._exit
     settrace, setprofile = sys.settrace, sys.setprofile
@@ -112,13 +120,7 @@ def _judge(payload_fd, report_fd):
         nonce, limits, source = b"".join(chunks).split(b"\n", 2)
         del chunks
         seal = b"PASS " + nonce
-        os.set_inheritable(report_fd, False)
-        try:
-            with open("/proc/self/oom_score_adj", "w") as f:
-                f.write("1000")  # under memory pressure, kill a program, not the runner
-        except OSError:
-            pass
-        import resource
+        os.set_inheritable(report_fd, False)  # a program that exec()s must not pass it on
         for item in limits.decode().split():
             name, _, values = item.partition("=")
             kind, wanted = getattr(resource, name), [int(v) for v in values.split(",")]
@@ -150,12 +152,116 @@ def _judge(payload_fd, report_fd):
     except any_exception:
         exit_now(1)
     exit_now(0)
-_judge(int(sys.argv[1]), int(sys.argv[2]))
 """
+
+# The zygote: serves fork requests on a SOCK_SEQPACKET socket, reaps its children and
+# reports their wait statuses. Requests carry the fds [payload, report, stderr].
+ZYGOTE = (
+    r"""
+import array, fcntl, json, os, resource, selectors, signal, socket, sys
+"""
+    + PROLOGUE
+    + r"""
+PROGRAM_FDS = 5  # stdin, stdout, stderr, payload, report
+
+
+def _serve(control_fd):
+    control = socket.socket(fileno=control_fd)
+    try:
+        with open("/proc/self/oom_score_adj", "w") as f:
+            f.write("1000")  # inherited: under memory pressure, kill programs, not the runner
+    except OSError:
+        pass
+    try:
+        import ctypes
+        ctypes.CDLL(None).prctl(4, 0, 0, 0, 0)  # PR_SET_DUMPABLE 0, inherited by every fork
+    except Exception:
+        pass
+    wake_r, wake_w = os.pipe()
+    os.set_blocking(wake_r, False)
+    os.set_blocking(wake_w, False)
+    signal.signal(signal.SIGCHLD, lambda signum, frame: None)
+    signal.set_wakeup_fd(wake_w)
+    selector = selectors.DefaultSelector()
+    selector.register(control, selectors.EVENT_READ, "control")
+    selector.register(wake_r, selectors.EVENT_READ, "children")
+    while True:
+        for key, _ in selector.select():
+            if key.data == "control":
+                _fork_requested(control)
+            else:
+                try:
+                    while os.read(wake_r, 4096):
+                        pass
+                except BlockingIOError:
+                    pass
+                _reap(control)
+
+
+def _fork_requested(control):
+    fds = array.array("i")
+    message, ancillary, _, _ = control.recvmsg(65536, socket.CMSG_SPACE(8 * fds.itemsize))
+    for level, kind, data in ancillary:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            fds.frombytes(data[: len(data) - len(data) % fds.itemsize])
+    if not message:
+        os._exit(0)  # the runner is gone
+    try:
+        pid = os.fork()
+    except OSError as exc:
+        reply = {"error": repr(exc)}
+    else:
+        if pid == 0:
+            _become_program(json.loads(message), list(fds))
+        reply = {"pid": pid}
+    for fd in fds:
+        os.close(fd)
+    control.send(json.dumps(reply).encode())
+
+
+def _reap(control):
+    while True:
+        try:
+            pid, status = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            return
+        control.send(json.dumps({"exit": pid, "status": status}).encode())
+
+
+def _become_program(request, fds):
+    try:
+        signal.set_wakeup_fd(-1)
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        os.setsid()
+        devnull = os.open(os.devnull, os.O_RDWR)
+        payload, report, stderr = fds
+        # Duplicate above the target slots first so that no dup2 clobbers a source.
+        sources = [fcntl.fcntl(fd, fcntl.F_DUPFD, 64) for fd in (devnull, devnull, stderr, payload, report)]
+        for target, fd in enumerate(sources):
+            os.dup2(fd, target)
+        os.closerange(PROGRAM_FDS, os.sysconf("SC_OPEN_MAX"))
+        os.chdir(request["cwd"])
+        os.environ.clear()
+        os.environ.update(request["env"])
+    except BaseException as exc:
+        try:
+            os.write(2, ("program set-up failed: %r\n" % (exc,)).encode())
+        finally:
+            os._exit(127)
+    _judge(3, 4)
+    os._exit(1)
+
+
+_serve(int(sys.argv[1]))
+"""
+)
 
 ERROR_CHARS = 500
 MAX_REPORTS = 8  # a program may spam its socket; the first few messages are enough
 SPAWN_RETRY_S = 3.0  # a fork bomb that is being killed can hold the pids limit briefly
+EXIT_STATUS_WAIT_S = 5.0
 PROGRAM_ENV = {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8", "OMP_NUM_THREADS": "1"}
 CREDENTIALS = struct.Struct("iII")  # struct ucred: pid, uid, gid
 
@@ -181,7 +287,73 @@ class Emitter:
                 while view:
                     view = view[os.write(1, view):]
             except OSError:
-                self._on_broken_pipe()
+                self._on_broken_pipe("stdout closed")
+
+
+class SpawnError(Exception):
+    pass
+
+
+class Zygote:
+    """Runner-side handle: fork requests go out, pids and exit statuses come back."""
+
+    def __init__(self, on_death):
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        self.process = subprocess.Popen(
+            [sys.executable, "-I", "-S", "-c", ZYGOTE, str(theirs.fileno())],
+            pass_fds=(theirs.fileno(),),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+        )
+        theirs.close()
+        self.control = ours
+        self.request_lock = threading.Lock()  # one request at a time: replies come in order
+        self.replies = queue.Queue()
+        self.guard = threading.Lock()
+        self.statuses = {}  # pid -> wait status, until collected
+        self.watchers = {}  # pid -> write end of a pipe, closed when that pid exits
+        self.on_death = on_death
+        threading.Thread(target=self._dispatch, daemon=True).start()
+
+    def fork(self, fds, cwd, env):
+        """Fork a program; returns (pid, fd that becomes readable once it has exited)."""
+        header = json.dumps({"cwd": cwd, "env": env}).encode()
+        with self.request_lock:
+            self.control.sendmsg([header], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))])
+            reply = self.replies.get()
+        if "error" in reply:
+            raise SpawnError(reply["error"])
+        pid = reply["pid"]
+        exited_r, exited_w = os.pipe()
+        with self.guard:
+            if pid in self.statuses:
+                os.close(exited_w)
+            else:
+                self.watchers[pid] = exited_w
+        return pid, exited_r
+
+    def exit_status(self, pid):
+        with self.guard:
+            return self.statuses.pop(pid, None)
+
+    def _dispatch(self):
+        while True:
+            try:
+                data = self.control.recv(65536)
+            except OSError:
+                data = b""
+            if not data:
+                break
+            message = json.loads(data)
+            if "exit" in message:
+                with self.guard:
+                    self.statuses[message["exit"]] = message["status"]
+                    watcher = self.watchers.pop(message["exit"], None)
+                if watcher is not None:
+                    os.close(watcher)
+            else:
+                self.replies.put(message)
+        self.on_death("the zygote died (a program killed it, or it ran out of memory)")
 
 
 def processes():
@@ -274,25 +446,42 @@ def rlimits_for(program, limits):
     return chosen
 
 
-class Outcome:
-    def __init__(self):
+def payload_for(program, nonce, limits):
+    rlimits = " ".join("%s=%d,%d" % (name, soft, hard) for name, (soft, hard) in rlimits_for(program, limits).items())
+    return b"\n".join([nonce.encode(), rlimits.encode(), program["source"].encode("utf-8", "surrogatepass")])
+
+
+class Running:
+    """One forked program and the runner's ends of its pipes."""
+
+    def __init__(self, pid, exited_fd, stderr_fd, channel):
+        self.pid = pid
+        self.exited_fd = exited_fd
+        self.stderr_fd = stderr_fd
+        self.channel = channel
+        self.started = time.monotonic()
         self.timed_out = False
         self.returncode = None
+        self.seconds = 0.0
         self.reports = []  # (sender pid, bytes)
         self.stderr_tail = bytearray()
-        self.seconds = 0.0
+
+    def close(self):
+        for fd in (self.exited_fd, self.stderr_fd):
+            os.close(fd)
+        self.channel.close()
 
 
 class Judge:
-    def __init__(self, request, emitter):
-        self.request = request
+    def __init__(self, request, emitter, zygote):
         self.emitter = emitter
+        self.zygote = zygote
         self.limits = request["rlimits"]
         self.output_bytes = int(request.get("output_bytes", 64000))
         self.scratch = tempfile.gettempdir()  # TMPDIR, else /tmp: the sandbox's tmpfs
         self.private_pid_namespace = bool(request.get("private_pid_namespace"))
         self.spawn_lock = threading.Lock()
-        self.in_flight = set()  # session ids of running programs
+        self.in_flight = {}  # session id -> the Running that owns it
         self.own_session = os.getsid(0)
         self.own_uid = os.getuid()
 
@@ -305,145 +494,131 @@ class Judge:
 
     def judge(self, index, program):
         nonce = secrets.token_hex(16)
+        timeout_s = float(program["timeout_s"])
         workdir = tempfile.mkdtemp(prefix="program-", dir=self.scratch)
         try:
-            proc, channel = self.spawn(program, nonce, workdir)
-            if proc is None:
-                return {"status": "error", "seconds": 0.0, "error": shorten("could not start: " + channel)}
+            try:
+                running = self.spawn(payload_for(program, nonce, self.limits), workdir)
+            except SpawnError as exc:
+                return {"status": "error", "seconds": 0.0, "error": shorten("could not start: %s" % exc)}
             self.emitter.emit({"started": index})
-            outcome = self.supervise(proc, channel, float(program["timeout_s"]))
+            try:
+                self.supervise(running, timeout_s)
+            finally:
+                running.close()
         finally:
             remove_tree(workdir)
-        return self.decide(outcome, proc.pid, nonce, float(program["timeout_s"]))
+        return self.decide(running, nonce, timeout_s)
 
-    def spawn(self, program, nonce, workdir):
-        limits = " ".join("%s=%d,%d" % (name, soft, hard) for name, (soft, hard) in rlimits_for(program, self.limits).items())
-        payload = b"\n".join([nonce.encode(), limits.encode(), program["source"].encode("utf-8", "surrogatepass")])
+    def spawn(self, payload, workdir):
         payload_fd = memfd_holding(payload)
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         ours.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
-        command = [sys.executable, "-I", "-S", "-c", PROLOGUE, str(payload_fd), str(theirs.fileno())]
+        stderr_r, stderr_w = os.pipe()
         env = dict(PROGRAM_ENV, HOME=workdir, TMPDIR=workdir)
         deadline = time.monotonic() + SPAWN_RETRY_S
         try:
             while True:
                 try:
-                    # Spawn and registration happen under the lock the stray sweep takes,
-                    # so a freshly started program is never mistaken for a stray.
+                    # Fork and registration happen under the lock the stray sweep takes,
+                    # so a freshly forked program is never mistaken for a stray.
                     with self.spawn_lock:
-                        proc = subprocess.Popen(
-                            command,
-                            stdin=subprocess.DEVNULL,
-                            stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE,
-                            pass_fds=(payload_fd, theirs.fileno()),
-                            cwd=workdir,
-                            env=env,
-                            start_new_session=True,
-                        )
-                        self.in_flight.add(proc.pid)
-                    return proc, ours
-                except (BlockingIOError, MemoryError) as exc:
+                        pid, exited_fd = self.zygote.fork([payload_fd, theirs.fileno(), stderr_w], workdir, env)
+                        running = Running(pid, exited_fd, stderr_r, ours)
+                        self.in_flight[pid] = running
+                    return running
+                except SpawnError:
                     if time.monotonic() > deadline:
                         ours.close()
-                        return None, repr(exc)
+                        os.close(stderr_r)
+                        raise
                     time.sleep(0.05)
-                except OSError as exc:
-                    ours.close()
-                    return None, repr(exc)
         finally:
             os.close(payload_fd)
+            os.close(stderr_w)
             theirs.close()
 
-    def supervise(self, proc, channel, timeout_s):
-        outcome = Outcome()
-        started = time.monotonic()
-        deadline = started + timeout_s
-        selector = selectors.DefaultSelector()
-        selector.register(proc.stderr, selectors.EVENT_READ, self.read_stderr)
-        selector.register(channel, selectors.EVENT_READ, self.read_report)
-        exit_fd = pidfd_of(proc.pid)
-        if exit_fd is not None:
-            selector.register(exit_fd, selectors.EVENT_READ, None)
-        tick = 1.0 if exit_fd is not None else 0.005
-        try:
-            while proc.poll() is None:
+    def supervise(self, running, timeout_s):
+        deadline = running.started + timeout_s
+        with selectors.DefaultSelector() as selector:
+            selector.register(running.stderr_fd, selectors.EVENT_READ, self.read_stderr)
+            selector.register(running.channel, selectors.EVENT_READ, self.read_report)
+            selector.register(running.exited_fd, selectors.EVENT_READ, None)
+            exited = False
+            while not exited:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
-                    outcome.timed_out = True
+                    running.timed_out = True
                     break
-                for key, _ in selector.select(min(remaining, tick)):
-                    if key.data is not None and not key.data(key.fileobj, outcome):
+                for key, _ in selector.select(remaining):
+                    if key.data is None:
+                        exited = True
+                    elif not key.data(running):
                         selector.unregister(key.fileobj)
-            outcome.seconds = time.monotonic() - started
-            kill_session(proc.pid)
-            proc.wait()
-            outcome.returncode = proc.returncode
-            self.drain(proc, channel, outcome)
-        finally:
-            selector.close()
-            if exit_fd is not None:
-                os.close(exit_fd)
-            proc.stderr.close()
-            channel.close()
-            with self.spawn_lock:
-                self.in_flight.discard(proc.pid)
-                if self.private_pid_namespace:
-                    self.kill_strays()
-        return outcome
+        running.seconds = time.monotonic() - running.started
+        with self.spawn_lock:
+            if self.in_flight.get(running.pid) is running:  # never a recycled pid's session
+                kill_session(running.pid)
+                del self.in_flight[running.pid]
+            if self.private_pid_namespace:
+                self.kill_strays()
+        if not exited and not select_readable(running.exited_fd, EXIT_STATUS_WAIT_S):
+            raise RuntimeError("program %d did not die after SIGKILL" % running.pid)
+        status = self.zygote.exit_status(running.pid)
+        running.returncode = None if status is None else os.waitstatus_to_exitcode(status)
+        self.drain(running)
 
-    def read_stderr(self, stream, outcome):
-        data = os.read(stream.fileno(), 65536)
+    def read_stderr(self, running, flags=None):
+        data = os.read(running.stderr_fd, 65536)
         if data:
-            outcome.stderr_tail += data
-            if len(outcome.stderr_tail) > self.output_bytes:
-                del outcome.stderr_tail[: len(outcome.stderr_tail) - self.output_bytes]
+            running.stderr_tail += data
+            if len(running.stderr_tail) > self.output_bytes:
+                del running.stderr_tail[: len(running.stderr_tail) - self.output_bytes]
         return bool(data)
 
-    def read_report(self, channel, outcome, flags=0):
-        data, ancillary, _, _ = channel.recvmsg(4096, socket.CMSG_SPACE(CREDENTIALS.size), flags)
+    def read_report(self, running, flags=0):
+        data, ancillary, _, _ = running.channel.recvmsg(4096, socket.CMSG_SPACE(CREDENTIALS.size), flags)
         sender = None
         for level, kind, value in ancillary:
             if level == socket.SOL_SOCKET and kind == socket.SCM_CREDENTIALS:
-                sender, uid, _ = CREDENTIALS.unpack(value[: CREDENTIALS.size])
-                if uid != self.own_uid:
-                    sender = None
-        if data and len(outcome.reports) < MAX_REPORTS:
-            outcome.reports.append((sender, data))
+                pid, uid, _ = CREDENTIALS.unpack(value[: CREDENTIALS.size])
+                sender = pid if uid == self.own_uid else None
+        if data and len(running.reports) < MAX_REPORTS:
+            running.reports.append((sender, data))
         return bool(data)
 
-    def drain(self, proc, channel, outcome):
+    def drain(self, running):
         """Collect what the program wrote before it died, without waiting on strays."""
-        os.set_blocking(proc.stderr.fileno(), False)
+        os.set_blocking(running.stderr_fd, False)
         try:
             for _ in range(64):
-                if not self.read_stderr(proc.stderr, outcome):
+                if not self.read_stderr(running):
                     break
         except BlockingIOError:
             pass
         try:
             for _ in range(MAX_REPORTS):
-                if not self.read_report(channel, outcome, socket.MSG_DONTWAIT):
+                if not self.read_report(running, socket.MSG_DONTWAIT):
                     break
         except BlockingIOError:
             pass
 
     def kill_strays(self):
         """Kill processes that left their program's session (double fork + setsid)."""
-        legitimate = self.in_flight | {self.own_session}
+        legitimate = set(self.in_flight) | {self.own_session}
         for pid, session, uid in processes():
-            if pid not in (1, os.getpid()) and uid == self.own_uid and session not in legitimate:
+            if pid not in (1, os.getpid(), self.zygote.process.pid) and uid == self.own_uid and session not in legitimate:
                 kill_quietly(pid)
 
     def abandon(self):
         for session in list(self.in_flight):
             kill_session(session)
 
-    def decide(self, outcome, pid, nonce, timeout_s):
-        verdict = {"seconds": round(outcome.seconds, 4)}
-        own_reports = [data for sender, data in outcome.reports if sender == pid]
-        code = outcome.returncode
-        if outcome.timed_out:
+    def decide(self, running, nonce, timeout_s):
+        verdict = {"seconds": round(running.seconds, 4)}
+        own_reports = [data for sender, data in running.reports if sender == running.pid]
+        code = running.returncode
+        if running.timed_out:
             return dict(verdict, status="timeout", error="exceeded %gs" % timeout_s)
         if code == 0 and b"PASS " + nonce.encode() in own_reports:
             return dict(verdict, status="passed", error="")
@@ -454,20 +629,25 @@ class Judge:
             if kind == "FAIL":
                 return dict(verdict, status="failed", error=shorten(text))
         if code is not None and code < 0:
-            signal_name = signal_name_of(-code)
             if -code == signal.SIGXCPU:
-                return dict(verdict, status="timeout", error="CPU time limit (%s)" % signal_name)
-            return dict(verdict, status="failed", error=shorten("killed by %s %s" % (signal_name, self.last_line(outcome))))
+                return dict(verdict, status="timeout", error="CPU time limit (SIGXCPU)")
+            return dict(verdict, status="failed", error=shorten("killed by %s %s" % (signal_name_of(-code), last_line(running))))
         return dict(
             verdict,
             status="failed",
-            error=shorten("exited with status %s before its last statement %s" % (code, self.last_line(outcome))),
+            error=shorten("exited with status %s before its last statement %s" % (code, last_line(running))),
         )
 
-    @staticmethod
-    def last_line(outcome):
-        lines = bytes(outcome.stderr_tail).decode("utf-8", "replace").strip().splitlines()
-        return "(%s)" % lines[-1] if lines else ""
+
+def last_line(running):
+    lines = bytes(running.stderr_tail).decode("utf-8", "replace").strip().splitlines()
+    return "(%s)" % lines[-1] if lines else ""
+
+
+def select_readable(fd, timeout_s):
+    with selectors.DefaultSelector() as selector:
+        selector.register(fd, selectors.EVENT_READ)
+        return bool(selector.select(timeout_s))
 
 
 def signal_name_of(number):
@@ -475,13 +655,6 @@ def signal_name_of(number):
         return signal.Signals(number).name
     except ValueError:
         return "signal %d" % number
-
-
-def pidfd_of(pid):
-    try:
-        return os.pidfd_open(pid)
-    except (AttributeError, OSError):
-        return None
 
 
 def load_request(argv):
@@ -496,25 +669,25 @@ def main(argv):
     make_undumpable()
     judge = None
 
-    def abort():
+    def abort(reason):
         if judge is not None:
             judge.abandon()
+        os.write(2, ("runner: %s\n" % reason).encode())
         os._exit(4)
 
     emitter = Emitter(request["token"], abort)
-    judge = Judge(request, emitter)
+    zygote = Zygote(abort)
+    judge = Judge(request, emitter, zygote)
     programs = request["programs"]
     pool = concurrent.futures.ThreadPoolExecutor(max_workers=max(1, int(request.get("parallel", 1))))
     futures = [pool.submit(judge.run, index, program) for index, program in enumerate(programs)]
     _, unfinished = concurrent.futures.wait(futures, timeout=float(request["deadline_s"]))
     if unfinished:
-        # The host's watchdog should have fired first; this one covers a host that died.
-        judge.abandon()
-        os._exit(3)
+        abort("deadline passed")  # the host's watchdog should have fired first; it may have died
     pool.shutdown()
     emitter.emit({"finished": len(programs)})
-    return 0
+    os._exit(0)  # no interpreter teardown: the zygote's dispatcher must not see it die first
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv))
+    main(sys.argv)

@@ -145,7 +145,8 @@ def generate_shard(cell: Cell, checkpoint: dict, task_ids: tuple[str, ...], work
                 "gen_seconds": shard_measurement.seconds,
                 "gen_tokens": sum(r["gen_tokens"] for r in records),
                 "peak_mem_bytes": shard_measurement.peak_bytes,
-                "model_bytes": checkpoint.get("model_bytes") or model_parameter_bytes(model),
+                # a full-precision model is measured as it runs (its file may hold another dtype)
+                "model_bytes": checkpoint["model_bytes"] if checkpoint.get("quantized") else model_parameter_bytes(model),
                 "device": device,
             },
         )
