@@ -13,14 +13,16 @@ is not enforced here and `parallel` bounds the CPU use.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import shutil
 import subprocess
 import sys
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
+from sandbox import cgroups
 from sandbox.core import Limits
 from sandbox.local_backend import RUNNER_PATH, stream_process
 from sandbox.shard import SandboxFailure, Termination
@@ -104,14 +106,15 @@ def unavailable_reason() -> str | None:
         return "no system python3 for the sandbox user (looked for " + ", ".join(INTERPRETERS) + ")"
     runner_fd = _memfd_with(b"import json, resource, selectors, socket\n")
     try:
-        result = subprocess.run(
-            bwrap_command(interpreter, runner_fd, Limits()),
-            pass_fds=(runner_fd,),
-            capture_output=True,
-            timeout=PROBE_TIMEOUT_S,
-            **_privilege_drop(),
-        )
-    except (OSError, subprocess.TimeoutExpired) as exc:
+        with _launcher(Limits()) as (prefix, user):
+            result = subprocess.run(
+                [*prefix, *bwrap_command(interpreter, runner_fd, Limits())],
+                pass_fds=(runner_fd,),
+                capture_output=True,
+                timeout=PROBE_TIMEOUT_S,
+                **_as_user(user),
+            )
+    except (OSError, subprocess.TimeoutExpired, SandboxFailure) as exc:
         return f"bubblewrap cannot start a sandbox here: {exc}"
     finally:
         os.close(runner_fd)
@@ -121,8 +124,40 @@ def unavailable_reason() -> str | None:
     return None
 
 
-def _privilege_drop() -> dict:
-    return {"user": SANDBOX_ID, "group": SANDBOX_ID, "extra_groups": []} if _dropping_root() else {}
+def _as_user(user: int | None) -> dict:
+    return {"user": user, "group": user, "extra_groups": []} if user is not None else {}
+
+
+@functools.lru_cache(maxsize=1)
+def cgroup_unavailable_reason() -> str | None:
+    """None when each sandbox can get its own memory/pids/CPU cgroup, else why not."""
+    if not _dropping_root():
+        return "not root"
+    if shutil.which("setpriv") is None:
+        return "setpriv (util-linux) is not installed"
+    return cgroups.unavailable_reason()
+
+
+def describe() -> str:
+    reason = cgroup_unavailable_reason()
+    return "bwrap with cgroup limits" if reason is None else f"bwrap with rlimits only ({reason})"
+
+
+@contextlib.contextmanager
+def _launcher(limits: Limits) -> Iterator[tuple[list[str], int | None]]:
+    """(command prefix, uid to start it as) for one sandbox; its cgroup lives as long as this."""
+    if cgroup_unavailable_reason() is not None:
+        yield [], SANDBOX_ID if _dropping_root() else None
+        return
+    try:
+        group = cgroups.create(limits)
+    except OSError as exc:
+        raise SandboxFailure(f"cannot create the sandbox's cgroups: {exc}") from exc
+    try:
+        # Root joins the cgroups, becomes the sandbox user, and only then starts bwrap.
+        yield [*group.join_prefix, "setpriv", f"--reuid={SANDBOX_ID}", f"--regid={SANDBOX_ID}", "--clear-groups", "--"], None
+    finally:
+        group.remove()
 
 
 class BwrapBackend:
@@ -138,15 +173,16 @@ class BwrapBackend:
             raise SandboxFailure("no system python3 for the sandbox user")
         runner_fd = _memfd_with(RUNNER_PATH.read_bytes())
         try:
-            return stream_process(
-                bwrap_command(interpreter, runner_fd, limits),
-                request,
-                watchdog_s,
-                on_output,
-                pass_fds=(runner_fd,),
-                env={"PATH": os.environ.get("PATH", "/usr/bin:/bin")},
-                cwd="/",
-                user=SANDBOX_ID if _dropping_root() else None,
-            )
+            with _launcher(limits) as (prefix, user):
+                return stream_process(
+                    [*prefix, *bwrap_command(interpreter, runner_fd, limits)],
+                    request,
+                    watchdog_s,
+                    on_output,
+                    pass_fds=(runner_fd,),
+                    env={"PATH": os.environ.get("PATH", "/usr/bin:/bin")},
+                    cwd="/",
+                    user=user,
+                )
         finally:
             os.close(runner_fd)
