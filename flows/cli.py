@@ -138,26 +138,33 @@ def cmd_status(args) -> int:
 
     workspace = Workspace.at(args.workspace)
     runs = query(workspace.store_path, """
-        SELECT r.cell_id, r.model, r.method, r.bits, r.budget, r.benchmark, r.status, r.error,
-               (SELECT string_agg(DISTINCT e.state, ',') FROM stage_events e
-                 WHERE e.cell_id = r.cell_id AND e.stage = 'generate') AS generate_states
-        FROM runs r ORDER BY r.model, r.benchmark, r.method, r.bits""")
+        WITH latest AS (
+            SELECT cell_id, shard, arg_max(state, recorded_at) AS state
+            FROM stage_events WHERE stage = 'generate' GROUP BY cell_id, shard)
+        SELECT r.cell_id, r.model, r.method, coalesce(CAST(r.bits AS VARCHAR), CAST(r.budget AS VARCHAR), '') AS size,
+               r.benchmark, r.status, r.error,
+               (SELECT string_agg(DISTINCT l.state, ', ') FROM latest l WHERE l.cell_id = r.cell_id) AS shards,
+               res.pass_at_1
+        FROM runs r LEFT JOIN results res USING (cell_id)
+        ORDER BY r.model, r.benchmark, r.method, size""")
     table = Table(title=f"cells in {workspace.store_path}")
-    for column in ("cell", "model", "method", "bits/budget", "benchmark", "status", "generation", "error"):
-        table.add_column(column)
+    for column in ("cell", "model", "method", "bits/budget", "benchmark", "status", "last shard states", "pass@1",
+                   "error"):
+        table.add_column(column, overflow="fold")
     for row in runs.itertuples(index=False):
-        size = row.budget if row.method == "hawq" else row.bits
-        table.add_row(row.cell_id, row.model, row.method, "" if size is None else str(size), row.benchmark,
-                      row.status, row.generate_states or "", (row.error or "")[:80])
+        pass_at_1 = "" if row.pass_at_1 != row.pass_at_1 or row.pass_at_1 is None else f"{row.pass_at_1:.3f}"
+        table.add_row(row.cell_id[:8], row.model, row.method, row.size, row.benchmark, row.status,
+                      row.shards or "", pass_at_1, (row.error or "")[:120])
     if args.grid:
         from tasks.config import load_grid
 
         done = set(runs["cell_id"])
         for cell in load_grid(args.grid).cells():
             if cell.cell_id not in done:
-                table.add_row(cell.cell_id, cell.model.name, cell.method.label, "", cell.benchmark.name,
-                              "pending", "", "")
-    Console().print(table)
+                size = cell.method.bits or cell.method.budget or ""
+                table.add_row(cell.cell_id[:8], cell.model.name, cell.method.name, str(size), cell.benchmark.name,
+                              "pending", "", "", "")
+    Console(width=160).print(table)
     return 0
 
 

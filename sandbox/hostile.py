@@ -171,6 +171,10 @@ assert found, "the secret is not in any environment"
         "import os, signal, time\nos.kill(-1, signal.SIGKILL)\ntime.sleep(1)\n",
     ),
     Attack(
+        "freeze every process it can",
+        "import os, signal, time\nos.kill(-1, signal.SIGSTOP)\ntime.sleep(1)\n",
+    ),
+    Attack(
         "kill host processes",
         """
 import os, signal
@@ -423,7 +427,12 @@ class Outcome:
         return "; ".join(problems) or "contained"
 
 
-def run_attack(attack: Attack, backend: str, bait: Bait, limits: Limits = Limits()) -> Outcome:
+# A frozen sandbox is only noticed by the whole-sandbox watchdog; a short start-up
+# allowance keeps the suite quick without changing what is tested.
+SUITE_LIMITS = Limits(watchdog_slack_s=8.0)
+
+
+def run_attack(attack: Attack, backend: str, bait: Bait, limits: Limits = SUITE_LIMITS) -> Outcome:
     programs = [
         Program(f"attack: {attack.name}", attack.source.format(**bait.fields()), attack.timeout_s),
         Program("follower", FOLLOWER, 10.0),

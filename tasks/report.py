@@ -430,7 +430,9 @@ def _frontier_plot(points, x_column: str, x_label: str, colours) -> bytes:
                         label=f"{model} {method}")
             x, y = group[x_column].astype(float).tolist(), group["pass_at_1"].astype(float).tolist()
             front = pareto_front(x, y)
-            ax.step([x[i] for i in front], [y[i] for i in front], where="post", color=colour, alpha=0.7)
+            # The frontier holds up to the largest cell, so a one-point frontier still shows as a line.
+            front_x, front_y = [x[i] for i in front] + [max(x)], [y[i] for i in front] + [y[front[-1]]]
+            ax.step(front_x, front_y, where="post", color=colour, alpha=0.7)
         _plain_log_axis(ax)
         ax.set_title(benchmark)
         ax.set_xlabel(x_label)
@@ -447,7 +449,8 @@ def _plain_log_axis(ax) -> None:
 
     ax.set_xscale("log")
     ax.xaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
-    ax.xaxis.set_minor_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
+    # Minor ticks at 2x and 5x only: labelling all of them overlaps within a decade.
+    ax.xaxis.set_minor_formatter(FuncFormatter(lambda value, _: f"{value:g}" if f"{value:.0e}"[0] in "25" else ""))
 
 
 def _frontier_table(points):

@@ -113,3 +113,12 @@ def test_evaluate_scores_samples_from_any_generator(tmp_path):
     verdicts = [json.loads(line) for line in out.read_text().splitlines()]
     assert [v["status"] for v in verdicts] == ["passed", "passed", "passed", "failed"]
     assert "pass@1: 0.8333" in result.stdout
+
+
+def test_status_lists_done_and_pending_cells(filled_workspace, tmp_path, capsys):
+    grid = tmp_path / "g.toml"
+    grid.write_text('[[models]]\nname="tiny-ar"\n[[methods]]\nname="fp"\n[[methods]]\nname="gptq"\nbits=[4]\n'
+                    '[[benchmarks]]\nname="humaneval"\n')
+    assert main(["status", str(grid), "--workspace", str(filled_workspace)]) == 0
+    out = capsys.readouterr().out
+    assert "done" in out and "pending" in out and "1.000" in out

@@ -13,6 +13,7 @@ import urllib.request
 from html.parser import HTMLParser
 from pathlib import Path
 
+import pandas as pd
 import pytest
 
 from tasks import report
@@ -89,13 +90,17 @@ def add_cell(con, model, method, bits, budget, avg_bits, benchmark, n_samples, s
     solved = solved_problems(model, method, bits, benchmark)
     # With several samples, sample 0 follows `solved` and later samples miss one more problem each,
     # so the seeds disagree and pass@k grows with k.
-    rows = [(cell_id, model, FAMILY[model], method, bits, budget, benchmark, f"{benchmark}/{i}", j,
-             i < solved - j or (j > 0 and i == N_PROBLEMS - 1), 0.5)
-            for i in range(N_PROBLEMS) for j in range(n_samples)]
-    con.executemany(
-        "INSERT INTO samples (cell_id, model, family, method, bits, budget, benchmark, task_id, sample_idx,"
-        " passed, gen_seconds) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
-    pass_at_1 = sum(r[9] for r in rows) / len(rows)
+    samples = pd.DataFrame(
+        [(f"{benchmark}/{i}", j, i < solved - j or (j > 0 and i == N_PROBLEMS - 1))
+         for i in range(N_PROBLEMS) for j in range(n_samples)], columns=["task_id", "sample_idx", "passed"])
+    # One bulk insert per cell: row-by-row inserts would dominate the test's run time.
+    con.register("incoming_samples", samples)
+    con.execute(
+        "INSERT INTO samples (cell_id, model, family, method, bits, budget, benchmark, task_id, sample_idx, passed)"
+        " SELECT ?, ?, ?, ?, ?, ?, ?, task_id, sample_idx, passed FROM incoming_samples",
+        [cell_id, model, FAMILY[model], method, bits, budget, benchmark])
+    con.unregister("incoming_samples")
+    pass_at_1 = float(samples["passed"].mean())
     con.execute(
         "INSERT INTO results (cell_id, model, family, method, bits, budget, avg_bits, benchmark, n_problems,"
         " n_samples, pass_at_1, model_bytes, peak_mem_bytes, gen_tokens_per_s, gen_seconds)"
@@ -135,16 +140,17 @@ def store(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def written(store, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("report")
-    report.write_report(store, out)
-    return out
-
-
-@pytest.fixture(scope="module")
 def sections(store) -> dict[str, report.Section]:
     with connect(store, read_only=True) as con:
         return {s.title: s for s in report.build_sections(con)}
+
+
+@pytest.fixture(scope="module")
+def written(store, sections, tmp_path_factory) -> Path:
+    """The report files of the synthetic store (figures drawn once, shared with `sections`)."""
+    out = tmp_path_factory.mktemp("report")
+    report.write_report(store, out, sections=list(sections.values()))
+    return out
 
 
 def markdown_rows(markdown: str, *leading: str) -> list[list[str]]:
@@ -365,6 +371,9 @@ def render_in_chromium(binary: str, html_path: Path, work: Path, timeout: float 
     loaded, and a PNG screenshot.
     """
     profile = work / "chromium-profile"
+    profile.mkdir(exist_ok=True)
+    # A marker left by an earlier browser on this profile would point at a dead port.
+    (profile / "DevToolsActivePort").unlink(missing_ok=True)
     stderr = (work / "chromium.stderr").open("w")
     process = subprocess.Popen(
         [binary, "--headless=new", "--no-sandbox", "--disable-gpu", "--remote-debugging-port=0",
@@ -443,7 +452,8 @@ class DevTools:
         for event in self.events:
             method, params = event.get("method"), event.get("params", {})
             if method == "Runtime.exceptionThrown":
-                found.append(params["exceptionDetails"].get("text", "exception"))
+                details = params["exceptionDetails"]
+                found.append(details.get("exception", {}).get("description") or details.get("text", "exception"))
             elif method == "Runtime.consoleAPICalled" and params.get("type") in ("error", "assert"):
                 found.append(" ".join(str(a.get("value", a.get("description", ""))) for a in params["args"]))
             elif method == "Log.entryAdded" and params["entry"].get("level") == "error":
