@@ -164,7 +164,8 @@ def _pass_at_1_points(con):
     if not _has_relations(con, "results"):
         return None
     if _has_relations(con, "cell_pass_at_k"):
-        interval = "LEFT JOIN (SELECT cell_id, estimate, ci_low, ci_high FROM cell_pass_at_k WHERE k = 1) p USING (cell_id)"
+        interval = ("LEFT JOIN (SELECT cell_id, estimate, ci_low, ci_high FROM cell_pass_at_k WHERE k = 1) p "
+                    "USING (cell_id)")
         columns = "coalesce(p.estimate, r.pass_at_1) AS pass_at_1, p.ci_low, p.ci_high"
     else:
         interval, columns = "", "r.pass_at_1, NULL::DOUBLE AS ci_low, NULL::DOUBLE AS ci_high"
@@ -221,8 +222,10 @@ def _tiny_model_note(models) -> str:
         how.append(f"trained on their own test problems: {', '.join(trained)}")
     if untrained:
         how.append(f"untrained, random weights: {', '.join(untrained)}")
+    names = list(tiny["model"])
+    what = "is a tiny model" if len(names) == 1 else "are tiny models"
     return (
-        f"**Demo models:** {', '.join(tiny['model'])} are tiny models the project builds itself "
+        f"**Demo models:** {', '.join(names)} {what} the project builds itself "
         f"({'; '.join(how)}). Their numbers exercise the pipeline and are not a claim about real models.\n"
     )
 
@@ -258,9 +261,8 @@ def _larger_pass_at_k(con) -> dict[int, dict[str, str]]:
     """{k: {cell_id: 'estimate [low, high]'}} for the reported ks > 1 that some cell supports."""
     if not _has_relations(con, "cell_pass_at_k"):
         return {}
-    rows = con.execute(
-        f"SELECT k, cell_id, estimate, ci_low, ci_high FROM cell_pass_at_k WHERE k IN ({', '.join(map(str, REPORTED_KS))})"
-    ).fetchall()
+    ks = ", ".join(map(str, REPORTED_KS))
+    rows = con.execute(f"SELECT k, cell_id, estimate, ci_low, ci_high FROM cell_pass_at_k WHERE k IN ({ks})").fetchall()
     out: dict[int, dict[str, str]] = {}
     for k, cell_id, estimate, low, high in rows:
         out.setdefault(int(k), {})[cell_id] = f"{_number(estimate)} {_interval(low, high)}".strip()

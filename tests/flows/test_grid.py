@@ -139,3 +139,32 @@ def test_a_run_killed_mid_way_resumes_to_identical_results(first_run, tmp_path):
     assert _samples(workspace) == expected_samples
     duplicates = _rows(workspace, "SELECT cell_id, task_id, sample_idx, count(*) FROM samples GROUP BY ALL HAVING count(*) > 1")
     assert duplicates == []
+
+
+def test_a_failing_cell_is_recorded_and_the_others_finish(tmp_path, monkeypatch):
+    from flows.grid import run_grid
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    grid = parse_grid("""
+[[models]]
+name = "tiny-ar"
+[[models]]
+name = "unreachable"
+hf_id = "no-such-org/no-such-model"
+family = "ar"
+[[methods]]
+name = "fp"
+[[benchmarks]]
+name = "humaneval"
+limit = 1
+[generation]
+max_new_tokens = 8
+""")
+    workspace = Workspace.at(tmp_path)
+    summary = run_grid(grid, workspace)
+    assert summary == {"done": 1, "failed": 1, "seconds": summary["seconds"]}
+    runs = dict(_rows(workspace, "SELECT model, status FROM runs"))
+    assert runs == {"tiny-ar": "done", "unreachable": "failed"}
+    error = _rows(workspace, "SELECT error FROM runs WHERE model = 'unreachable'")[0][0]
+    assert error.startswith("generation failed:") and "\n" not in error
+    assert len(_results(workspace)) == 1

