@@ -6,9 +6,10 @@
     verdicts[0].status                         # "passed" | "failed" | "timeout" | "error"
 
 One call runs all its programs in one sandbox (a container, or a bubblewrap sandbox),
-`Limits.parallel` at a time, each in its own subprocess with its own time limit; a
+`Limits.parallel` at a time, each in its own process with its own time limit; a
 program passes only if it ran to its last statement (see sandbox/runner.py for how that
-is established, and for the threat model). Backends:
+is established, and for the threat model). A program that kills or freezes the sandbox
+costs only its own verdict: the others are re-run (sandbox/shard.py). Backends:
 
     docker  the default when an engine answers and the image is built
             (bash docker/start_engine.sh && bash docker/build_sandbox_image.sh)
@@ -21,7 +22,7 @@ This package knows nothing of models, benchmarks or the pipeline.
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 from sandbox.core import Limits, Program, SandboxUnavailable, Verdict
 
@@ -65,14 +66,18 @@ def resolve_backend(name: str = "auto") -> str:
         raise ValueError(f"unknown sandbox backend {name!r}; allowed: {', '.join(ALLOWED_NAMES)}")
     if name == "none":
         return name
-    candidates = BACKENDS if name == "auto" else (name,)
+    if name != "auto":
+        reason = _unavailable_reason(name)
+        if reason is not None:
+            raise SandboxUnavailable(f"sandbox backend '{name}' is unavailable: {reason}")
+        return name
     reasons = []
-    for candidate in candidates:
+    for candidate in BACKENDS:
         reason = _unavailable_reason(candidate)
         if reason is None:
             return candidate
         reasons.append(f"{candidate}: {reason}")
-    advice = " (backend 'none' runs programs without isolation, if you must)" if name == "auto" else ""
+    advice = " (backend 'none' runs programs without isolation, if you must)"
     raise SandboxUnavailable(f"no sandbox backend available: {'; '.join(reasons)}{advice}")
 
 

@@ -6,9 +6,11 @@ namespaces, no further user namespaces, a read-only root made only of the system
 /proc and /dev, a size-capped tmpfs /tmp, a clean environment, the uid 65534 inside,
 no capabilities and no-new-privileges, and it dies with its parent. When the host
 process is root, bwrap itself is started as uid 65534 so that the sandbox maps to an
-unprivileged host user rather than to root. Memory, processes and file sizes are
-limited per program by rlimits; bubblewrap has no CPU quota of its own, so `cpus`
-is not enforced here and `parallel` bounds the CPU use.
+unprivileged host user rather than to root, and each sandbox gets a cgroup with the
+same memory (swap included), pids and CPU limits as a docker container
+(sandbox/cgroups.py). Every program also has its rlimits. Without root there is no
+cgroup: `cpus` is not enforced, `parallel` bounds the CPU use, and memory is bounded
+per process only.
 """
 
 from __future__ import annotations
@@ -19,13 +21,12 @@ import os
 import shutil
 import subprocess
 import sys
-from pathlib import Path
-from typing import Callable, Iterator
+from collections.abc import Callable, Iterator
 
 from sandbox import cgroups
 from sandbox.core import Limits
-from sandbox.local_backend import RUNNER_PATH, stream_process
-from sandbox.shard import SandboxFailure, Termination
+from sandbox.local_backend import RUNNER_PATH, as_user, stream_process
+from sandbox.shard import SandboxFailure, Termination, Watchdog
 
 SANDBOX_ID = 65534
 RUNNER_INSIDE = "/opt/qrobust/runner.py"
@@ -112,7 +113,7 @@ def unavailable_reason() -> str | None:
                 pass_fds=(runner_fd,),
                 capture_output=True,
                 timeout=PROBE_TIMEOUT_S,
-                **_as_user(user),
+                **as_user(user),
             )
     except (OSError, subprocess.TimeoutExpired, SandboxFailure) as exc:
         return f"bubblewrap cannot start a sandbox here: {exc}"
@@ -122,10 +123,6 @@ def unavailable_reason() -> str | None:
         detail = result.stderr.decode("utf-8", "replace").strip().splitlines()
         return f"bubblewrap cannot start a sandbox here: {detail[-1] if detail else f'exit status {result.returncode}'}"
     return None
-
-
-def _as_user(user: int | None) -> dict:
-    return {"user": user, "group": user, "extra_groups": []} if user is not None else {}
 
 
 @functools.lru_cache(maxsize=1)
@@ -155,7 +152,10 @@ def _launcher(limits: Limits) -> Iterator[tuple[list[str], int | None]]:
         raise SandboxFailure(f"cannot create the sandbox's cgroups: {exc}") from exc
     try:
         # Root joins the cgroups, becomes the sandbox user, and only then starts bwrap.
-        yield [*group.join_prefix, "setpriv", f"--reuid={SANDBOX_ID}", f"--regid={SANDBOX_ID}", "--clear-groups", "--"], None
+        yield (
+            [*group.join_prefix, "setpriv", f"--reuid={SANDBOX_ID}", f"--regid={SANDBOX_ID}", "--clear-groups", "--"],
+            None,
+        )
     finally:
         group.remove()
 
@@ -166,7 +166,7 @@ class BwrapBackend:
     limits_processes = True  # counted per user namespace: this sandbox's processes only
 
     def execute(
-        self, request: bytes, limits: Limits, watchdog_s: float, on_output: Callable[[bytes], None]
+        self, request: bytes, limits: Limits, watchdog: Watchdog, on_output: Callable[[bytes], None]
     ) -> Termination:
         interpreter = _interpreter()
         if interpreter is None:
@@ -177,7 +177,7 @@ class BwrapBackend:
                 return stream_process(
                     [*prefix, *bwrap_command(interpreter, runner_fd, limits)],
                     request,
-                    watchdog_s,
+                    watchdog,
                     on_output,
                     pass_fds=(runner_fd,),
                     env={"PATH": os.environ.get("PATH", "/usr/bin:/bin")},

@@ -51,17 +51,20 @@ class Verdict:
 class Limits:
     """Resource limits of one call to run_programs.
 
-    memory_mb      address space of each program (RLIMIT_AS, every backend); the docker
-                   container gets parallel * memory_mb + runner_memory_mb, swap included
-    pids           processes in the docker container (pids cgroup), or per program under
-                   bubblewrap (RLIMIT_NPROC, counted inside the sandbox's user namespace)
-    cpus           CPU quota of the docker container; bubblewrap and none cannot enforce it
+    memory_mb      address space of each program (RLIMIT_AS, every backend); the whole
+                   sandbox (container, or bubblewrap's cgroup when root) gets
+                   parallel * memory_mb + runner_memory_mb, swap included
+    pids           processes (and threads) in the whole sandbox (pids cgroup); under
+                   bubblewrap also per program (RLIMIT_NPROC, in its user namespace)
+    cpus           CPU quota of the whole sandbox (docker; bubblewrap when root); the
+                   unisolated backend ignores it
     output_bytes   stderr kept per program (stdout is discarded); caps what the host reads
     scratch_mb     size of the /tmp tmpfs (docker, bubblewrap) and largest file (RLIMIT_FSIZE)
     parallel       programs run at once inside one sandbox
     open_files     RLIMIT_NOFILE of each program
     runner_memory_mb  memory set aside for the runner and the container's init
-    watchdog_slack_s  start-up allowance added to the whole-sandbox watchdog
+    watchdog_slack_s  start-up allowance added to the whole-sandbox watchdog, and the
+                   longest silence (no heartbeat) tolerated from a sandbox
     """
 
     memory_mb: int = 1024

@@ -17,11 +17,11 @@ import socket
 import struct
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from sandbox.core import Limits
-from sandbox.shard import SandboxFailure, Termination
+from sandbox.shard import SandboxFailure, Termination, Watchdog
 
 DEFAULT_IMAGE = "qrobust-sandbox:latest"
 LABEL = "org.qrobust.sandbox"
@@ -139,18 +139,20 @@ class DockerBackend:
     limits_processes = False  # the pids cgroup does it; RLIMIT_NPROC would count every uid-65534 process on the host
 
     def execute(
-        self, request: bytes, limits: Limits, watchdog_s: float, on_output: Callable[[bytes], None]
+        self, request: bytes, limits: Limits, watchdog: Watchdog, on_output: Callable[[bytes], None]
     ) -> Termination:
         import docker
 
         try:
             api = api_client()
             reap_stale_containers()
-            container_id = self._create(api, limits, watchdog_s)
+            container_id = self._create(api, limits, watchdog.total_s)
         except docker.errors.DockerException as exc:
             raise SandboxFailure(_first_line(exc)) from exc
         exit_status: dict = {}
-        waiter = threading.Thread(target=self._wait_removed, args=(api, container_id, watchdog_s, exit_status), daemon=True)
+        waiter = threading.Thread(
+            target=self._wait_removed, args=(api, container_id, watchdog.total_s, exit_status), daemon=True
+        )
         waiter.start()
         try:
             attached = api.attach_socket(container_id, params={"stdin": 1, "stdout": 1, "stderr": 1, "stream": 1})
@@ -160,12 +162,15 @@ class DockerBackend:
             raise SandboxFailure(_first_line(exc)) from exc
         connection = getattr(attached, "_sock", attached)
         try:
-            watchdog_fired, stderr_tail = self._converse(api, container_id, connection, request, watchdog_s, on_output)
+            watchdog_fired, stderr_tail = self._converse(api, container_id, connection, request, watchdog, on_output)
+        except BaseException:
+            self._remove_quietly(api, container_id)  # auto-remove covers every normal end
+            raise
         finally:
             connection.close()
-            self._remove_quietly(api, container_id)  # auto-remove covers normal exits; this covers errors here
         waiter.join(timeout=10)
-        return Termination(self._describe(exit_status, stderr_tail, watchdog_s, watchdog_fired), watchdog_fired)
+        description = watchdog.reason() if watchdog_fired else self._describe(exit_status, stderr_tail)
+        return Termination(description, watchdog_fired)
 
     def _create(self, api, limits: Limits, watchdog_s: float) -> str:
         container_memory = f"{limits.parallel * limits.memory_mb + limits.runner_memory_mb}m"
@@ -214,11 +219,10 @@ class DockerBackend:
         except docker.errors.APIError:
             pass
 
-    def _converse(self, api, container_id, connection, request, watchdog_s, on_output) -> tuple[bool, bytes]:
+    def _converse(self, api, container_id, connection, request, watchdog, on_output) -> tuple[bool, bytes]:
         """Send the request, relay stdout frames until the container ends or the watchdog fires."""
-        deadline = time.monotonic() + watchdog_s
         try:
-            connection.settimeout(watchdog_s)
+            connection.settimeout(max(watchdog.remaining(), 0.001))
             connection.sendall(request)
             connection.shutdown(socket.SHUT_WR)
         except OSError:
@@ -226,14 +230,14 @@ class DockerBackend:
         frames = FrameReader()
         stderr_tail = bytearray()
         while True:
-            remaining = deadline - time.monotonic()
+            remaining = watchdog.remaining()
             if remaining <= 0:
                 self._kill_quietly(api, container_id)
                 return True, bytes(stderr_tail)
             connection.settimeout(remaining)
             try:
                 data = connection.recv(65536)
-            except socket.timeout:
+            except TimeoutError:
                 continue
             except OSError:
                 data = b""
@@ -255,9 +259,7 @@ class DockerBackend:
             pass
 
     @staticmethod
-    def _describe(exit_status: dict, stderr_tail: bytes, watchdog_s: float, watchdog_fired: bool) -> str:
-        if watchdog_fired:
-            return f"watchdog killed the container after {watchdog_s:.0f}s"
+    def _describe(exit_status: dict, stderr_tail: bytes) -> str:
         code = exit_status.get("StatusCode")
         text = f"container exited with status {code}" if code is not None else "container ended"
         if code == 137:
@@ -279,6 +281,6 @@ class FrameReader:
             end = FRAME_HEADER.size + length
             if len(self._buffer) < end:
                 return
-            payload = bytes(self._buffer[FRAME_HEADER.size:end])
+            payload = bytes(self._buffer[FRAME_HEADER.size : end])
             del self._buffer[:end]
             yield kind, payload

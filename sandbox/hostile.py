@@ -17,6 +17,7 @@ import argparse
 import hashlib
 import os
 import secrets
+import shutil
 import socket
 import subprocess
 import sys
@@ -56,12 +57,12 @@ class Attack:
 
 
 ATTACKS = (
-    Attack("infinite loop", "while True:\n    pass\n", 2.0),
-    Attack("long sleep", "import time\ntime.sleep(3600)\n", 2.0),
+    Attack("infinite loop", "while True:\n    pass\n", 0.5),
+    Attack("long sleep", "import time\ntime.sleep(3600)\n", 0.5),
     Attack(
         "fork bomb",
         "import os\nwhile True:\n    try:\n        os.fork()\n    except OSError:\n        pass\n",
-        2.0,
+        1.0,
     ),
     Attack("memory bomb", "blocks = []\nwhile True:\n    blocks.append(bytearray(64 << 20))\n"),
     Attack(
@@ -78,7 +79,7 @@ for _ in range(12):
             time.sleep(60)
 time.sleep(60)
 """,
-        2.0,
+        1.5,
     ),
     Attack(
         "gigabytes of output",
@@ -89,7 +90,7 @@ while True:
     sys.stdout.write(chunk)
     sys.stderr.write(chunk)
 """,
-        2.0,
+        1.0,
     ),
     Attack(
         "fill the scratch disk",
@@ -163,6 +164,31 @@ assert found, "the secret is not in any environment"
 """,
     ),
     Attack(
+        "read the runner's and other programs' memory and files",
+        """
+import os
+read = []
+for pid in filter(str.isdigit, os.listdir("/proc")):
+    if int(pid) in (1, os.getpid()):
+        continue  # the sandbox's init holds nothing secret; see sandbox/runner.py
+    try:
+        with open("/proc/%s/cmdline" % pid, "rb") as f:
+            if b"python3" not in f.read():
+                continue
+    except OSError:
+        continue
+    for probe in (lambda: open("/proc/%s/environ" % pid, "rb").read(),
+                  lambda: os.listdir("/proc/%s/fd" % pid),
+                  lambda: open("/proc/%s/mem" % pid, "rb").read(1)):
+        try:
+            probe()
+            read.append(pid)
+        except OSError:
+            pass
+assert read, "no other process readable"
+""",
+    ),
+    Attack(
         "kill the parent",
         "import os, signal, time\nos.kill(os.getppid(), signal.SIGKILL)\ntime.sleep(1)\n",
     ),
@@ -173,6 +199,7 @@ assert found, "the secret is not in any environment"
     Attack(
         "freeze every process it can",
         "import os, signal, time\nos.kill(-1, signal.SIGSTOP)\ntime.sleep(1)\n",
+        1.0,
     ),
     Attack(
         "kill host processes",
@@ -292,17 +319,20 @@ for number in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGALRM, sig
 while True:
     pass
 """,
-        2.0,
+        1.0,
     ),
     Attack(
         "alarm handler exits 0 during the tests",
         WRONG_SOLUTION.replace("def check(candidate):", "def check(candidate):\n    time.sleep(1)").format(
-            trick="import os, signal, time\nsignal.signal(signal.SIGALRM, lambda *args: os._exit(0))\nsignal.setitimer(signal.ITIMER_REAL, 0.1)"
+            trick="import os, signal, time\n"
+            "signal.signal(signal.SIGALRM, lambda *args: os._exit(0))\n"
+            "signal.setitimer(signal.ITIMER_REAL, 0.1)"
         ),
     ),
     Attack(
         "deep recursion",
         "import sys\nsys.setrecursionlimit(10**8)\ndef dive(n):\n    return dive(n + 1) + 1\ndive(0)\n",
+        1.0,
     ),
     Attack("ctypes segfault", "import ctypes\nctypes.string_at(0)\n"),
     Attack(
@@ -350,12 +380,9 @@ class Bait:
             os.environ.pop(SECRET_ENV, None)
         else:
             os.environ[SECRET_ENV] = self._saved_env
-        for path in self.directory.rglob("*"):
-            if path.is_file():
-                path.unlink()
-        for path in sorted(self.directory.rglob("*"), reverse=True):
-            path.rmdir()
-        self.directory.rmdir()
+        # Present only after an unisolated run, which the tests do on purpose as a control.
+        (Path(tempfile.gettempdir()) / self.host_tmp_name).unlink(missing_ok=True)
+        shutil.rmtree(self.directory)
 
     def __enter__(self) -> Bait:
         return self
@@ -379,7 +406,9 @@ class Bait:
 
     def _workspace_digest(self) -> dict[str, str]:
         return {
-            str(path.relative_to(self.workspace)): hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else "dir"
+            str(path.relative_to(self.workspace)): hashlib.sha256(path.read_bytes()).hexdigest()
+            if path.is_file()
+            else "dir"
             for path in sorted(self.workspace.rglob("*"))
         }
 
@@ -429,7 +458,7 @@ class Outcome:
 
 # A frozen sandbox is only noticed by the whole-sandbox watchdog; a short start-up
 # allowance keeps the suite quick without changing what is tested.
-SUITE_LIMITS = Limits(watchdog_slack_s=8.0)
+SUITE_LIMITS = Limits(watchdog_slack_s=4.0)
 
 
 def run_attack(attack: Attack, backend: str, bait: Bait, limits: Limits = SUITE_LIMITS) -> Outcome:

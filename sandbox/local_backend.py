@@ -11,12 +11,11 @@ import subprocess
 import sys
 import tempfile
 import threading
-import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable, Sequence
 
 from sandbox.core import Limits
-from sandbox.shard import SandboxFailure, Termination
+from sandbox.shard import SandboxFailure, Termination, Watchdog
 
 RUNNER_PATH = Path(__file__).parent / "runner.py"
 STDERR_TAIL_BYTES = 4096
@@ -25,7 +24,7 @@ STDERR_TAIL_BYTES = 4096
 def stream_process(
     command: Sequence[str],
     request: bytes,
-    watchdog_s: float,
+    watchdog: Watchdog,
     on_output: Callable[[bytes], None],
     *,
     pass_fds: Sequence[int] = (),
@@ -44,19 +43,25 @@ def stream_process(
             env=env,
             cwd=cwd,
             start_new_session=True,
-            **({"user": user, "group": user, "extra_groups": []} if user is not None else {}),
+            **as_user(user),
         )
     except OSError as exc:
         raise SandboxFailure(f"cannot start {command[0]}: {exc}") from exc
     feeder = threading.Thread(target=_feed, args=(proc.stdin, request), daemon=True)
     feeder.start()
     stderr_tail = bytearray()
-    watchdog_fired = _relay(proc, watchdog_s, on_output, stderr_tail)
+    watchdog_fired = _relay(proc, watchdog, on_output, stderr_tail)
     if watchdog_fired:
         _kill_group(proc.pid)
     proc.wait()
     feeder.join(timeout=5)
-    return Termination(_describe(proc.returncode, bytes(stderr_tail), watchdog_s, watchdog_fired), watchdog_fired)
+    description = watchdog.reason() if watchdog_fired else _describe(proc.returncode, bytes(stderr_tail))
+    return Termination(description, watchdog_fired)
+
+
+def as_user(uid: int | None) -> dict:
+    """Popen arguments that start a process as `uid` (and its group), or as ourselves."""
+    return {"user": uid, "group": uid, "extra_groups": []} if uid is not None else {}
 
 
 def _feed(stdin, request: bytes) -> None:
@@ -67,14 +72,13 @@ def _feed(stdin, request: bytes) -> None:
         pass  # the process died first; its exit says why
 
 
-def _relay(proc, watchdog_s, on_output, stderr_tail: bytearray) -> bool:
-    """Copy stdout to on_output and keep a stderr tail until both close; True if timed out."""
-    deadline = time.monotonic() + watchdog_s
+def _relay(proc, watchdog: Watchdog, on_output, stderr_tail: bytearray) -> bool:
+    """Copy stdout to on_output and keep a stderr tail until both close; True if the watchdog fired."""
     with selectors.DefaultSelector() as selector:
         selector.register(proc.stdout, selectors.EVENT_READ, on_output)
         selector.register(proc.stderr, selectors.EVENT_READ, None)
         while selector.get_map():
-            remaining = deadline - time.monotonic()
+            remaining = watchdog.remaining()
             if remaining <= 0:
                 return True
             for key, _ in selector.select(remaining):
@@ -96,34 +100,40 @@ def _kill_group(pid: int) -> None:
         pass
 
 
-def _describe(returncode: int, stderr_tail: bytes, watchdog_s: float, watchdog_fired: bool) -> str:
-    if watchdog_fired:
-        return f"watchdog killed the sandbox after {watchdog_s:.0f}s"
+def _describe(returncode: int, stderr_tail: bytes) -> str:
     if returncode < 0:
-        text = f"runner killed by {signal.Signals(-returncode).name}"
+        text = f"runner killed by {_signal_name(-returncode)}"
     else:
         text = f"runner exited with status {returncode}"
     last = stderr_tail.decode("utf-8", "replace").strip().splitlines()
     return f"{text}: {last[-1][:200]}" if last else text
 
 
+def _signal_name(number: int) -> str:
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return f"signal {number}"
+
+
 class UnisolatedBackend:
-    """'none': the runner as a plain subprocess. Per-program rlimits, sessions and a clean
-    environment still apply, but programs see the host's files, network and processes.
-    Only for trusted programs, and only when asked for by name."""
+    """'none': the runner as a plain subprocess. Per-program rlimits, sessions, a clean
+    environment and death with the runner still apply, but programs see the host's
+    files, network and processes, and what they start outlives them. Only for trusted
+    programs, and only when asked for by name."""
 
     name = "none"
     private_pid_namespace = False  # on the host, killing 'stray' processes would hit others
     limits_processes = False  # RLIMIT_NPROC would count every process of the host user
 
     def execute(
-        self, request: bytes, limits: Limits, watchdog_s: float, on_output: Callable[[bytes], None]
+        self, request: bytes, limits: Limits, watchdog: Watchdog, on_output: Callable[[bytes], None]
     ) -> Termination:
         scratch = tempfile.mkdtemp(prefix="qrobust-sandbox-")
         try:
             command = [sys.executable, "-I", "-S", str(RUNNER_PATH)]
             # The runner puts each program's scratch directory under TMPDIR.
             env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "LANG": "C.UTF-8", "TMPDIR": scratch}
-            return stream_process(command, request, watchdog_s, on_output, env=env, cwd=scratch)
+            return stream_process(command, request, watchdog, on_output, env=env, cwd=scratch)
         finally:
             shutil.rmtree(scratch, ignore_errors=True)

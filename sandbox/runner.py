@@ -10,11 +10,14 @@ Protocol
          "parallel": int, "rlimits": {...}, "output_bytes": int,
          "private_pid_namespace": bool, "deadline_s": float}
     stdout: one line per event, "<token> <json>", each written with a single write:
-        {"started": i}                                   program i was spawned
+        {"started": i}                                   program i is about to be forked
         {"verdict": i, "status": s, "seconds": t, "error": e}
         {"finished": n}                                  all n programs were judged
+        {"alive": true}                                  a heartbeat, every second
     The token lets the host ignore anything a program manages to write into this
-    process's stdout (for example through /proc/1/fd/1 of the container's init).
+    process's stdout, for example through /proc/1/fd/1: the sandbox's init (docker-init,
+    or bubblewrap's) runs as the programs' uid and is readable by them; it holds no
+    secret, only the same stdout.
 
 Verdicts
     passed   the program ran to its last statement, in the process that was started
@@ -27,9 +30,10 @@ Processes
     no request, token or other program's data, marks itself non-dumpable and forks one
     child per program on request. Forking costs a fraction of starting an interpreter,
     and non-dumpable children cannot read or ptrace one another through /proc even
-    though they share a uid. Each child starts its own session, gets /dev/null as stdin
-    and stdout, a pipe as stderr (only a tail of `output_bytes` is kept), its own scratch
-    directory and a clean environment, and then runs the prologue below.
+    though they share a uid. Each child starts its own session, dies with the zygote
+    (which dies with the runner), gets /dev/null as stdin and stdout, a pipe as stderr
+    (only a tail of `output_bytes` is kept), its own scratch directory and a clean
+    environment, and then runs the prologue below.
 
 How "passed" is established, and the threat model
     The prologue reads a payload (a fresh random nonce, rlimits and the source) from a
@@ -163,20 +167,33 @@ import array, fcntl, json, os, resource, selectors, signal, socket, sys
     + PROLOGUE
     + r"""
 PROGRAM_FDS = 5  # stdin, stdout, stderr, payload, report
+PR_SET_PDEATHSIG, PR_SET_DUMPABLE = 1, 4
 
 
-def _serve(control_fd):
+def _prctl(option, value):
+    try:
+        import ctypes
+        ctypes.CDLL(None).prctl(option, value, 0, 0, 0)
+    except Exception:
+        pass
+
+
+def _die_with(parent):
+    # Without it, killing the runner would orphan programs on the unisolated backend.
+    _prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != parent:
+        os._exit(1)
+
+
+def _serve(control_fd, runner):
     control = socket.socket(fileno=control_fd)
+    _die_with(runner)
     try:
         with open("/proc/self/oom_score_adj", "w") as f:
             f.write("1000")  # inherited: under memory pressure, kill programs, not the runner
     except OSError:
         pass
-    try:
-        import ctypes
-        ctypes.CDLL(None).prctl(4, 0, 0, 0, 0)  # PR_SET_DUMPABLE 0, inherited by every fork
-    except Exception:
-        pass
+    _prctl(PR_SET_DUMPABLE, 0)  # inherited by every fork
     wake_r, wake_w = os.pipe()
     os.set_blocking(wake_r, False)
     os.set_blocking(wake_w, False)
@@ -206,13 +223,14 @@ def _fork_requested(control):
             fds.frombytes(data[: len(data) - len(data) % fds.itemsize])
     if not message:
         os._exit(0)  # the runner is gone
+    zygote = os.getpid()
     try:
         pid = os.fork()
     except OSError as exc:
         reply = {"error": repr(exc)}
     else:
         if pid == 0:
-            _become_program(json.loads(message), list(fds))
+            _become_program(json.loads(message), list(fds), zygote)
         reply = {"pid": pid}
     for fd in fds:
         os.close(fd)
@@ -230,8 +248,9 @@ def _reap(control):
         control.send(json.dumps({"exit": pid, "status": status}).encode())
 
 
-def _become_program(request, fds):
+def _become_program(request, fds, zygote):
     try:
+        _die_with(zygote)
         signal.set_wakeup_fd(-1)
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
         os.setsid()
@@ -254,7 +273,7 @@ def _become_program(request, fds):
     os._exit(1)
 
 
-_serve(int(sys.argv[1]))
+_serve(int(sys.argv[1]), int(sys.argv[2]))
 """
 )
 
@@ -263,6 +282,7 @@ MAX_REPORTS = 8  # a program may spam its socket; the first few messages are eno
 SPAWN_RETRY_S = 3.0  # a fork bomb that is being killed can hold the pids limit briefly
 EXIT_STATUS_WAIT_S = 5.0
 ZYGOTE_REPLY_S = 10.0
+HEARTBEAT_S = 1.0
 PROGRAM_ENV = {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8", "OMP_NUM_THREADS": "1"}
 CREDENTIALS = struct.Struct("iII")  # struct ucred: pid, uid, gid
 
@@ -279,16 +299,26 @@ class Emitter:
         self._prefix = token.encode("ascii") + b" "
         self._lock = threading.Lock()
         self._on_broken_pipe = on_broken_pipe
+        self._closed = False
 
     def emit(self, event):
         line = self._prefix + json.dumps(event, ensure_ascii=True).encode("ascii") + b"\n"
         with self._lock:
+            if self._closed:
+                return
             try:
                 view = memoryview(line)
                 while view:
-                    view = view[os.write(1, view):]
+                    view = view[os.write(1, view) :]
+                return
             except OSError:
-                self._on_broken_pipe("stdout closed")
+                self._closed = True
+        self._on_broken_pipe("stdout closed")
+
+    def close(self):
+        """No event after this: verdicts of programs killed while aborting would be wrong."""
+        with self._lock:
+            self._closed = True
 
 
 class SpawnError(Exception):
@@ -301,7 +331,7 @@ class Zygote:
     def __init__(self, on_death):
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         self.process = subprocess.Popen(
-            [sys.executable, "-I", "-S", "-c", ZYGOTE, str(theirs.fileno())],
+            [sys.executable, "-I", "-S", "-c", ZYGOTE, str(theirs.fileno()), str(os.getpid())],
             pass_fds=(theirs.fileno(),),
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
@@ -320,12 +350,16 @@ class Zygote:
         """Fork a program; returns (pid, fd that becomes readable once it has exited)."""
         header = json.dumps({"cwd": cwd, "env": env}).encode()
         with self.request_lock:
-            self.control.sendmsg([header], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))])
+            try:
+                self.control.sendmsg([header], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))])
+            except OSError:
+                self.on_death("the zygote died (a program killed it, or it ran out of memory)")
+                raise SpawnError("the zygote died") from None
             try:
                 reply = self.replies.get(timeout=ZYGOTE_REPLY_S)
             except queue.Empty:
                 self.on_death("the zygote stopped answering (a program stopped it?)")
-                raise SpawnError("the zygote stopped answering")
+                raise SpawnError("the zygote stopped answering") from None
         if "error" in reply:
             raise SpawnError(reply["error"])
         pid = reply["pid"]
@@ -362,20 +396,19 @@ class Zygote:
 
 
 def processes():
-    """(pid, session, uid) of every live, non-zombie process this runner can see."""
+    """(pid, session) of every live, non-zombie process this runner can see."""
     for name in os.listdir("/proc"):
         if not name.isdigit():
             continue
         try:
-            with open("/proc/%s/stat" % name, "rb") as f:
+            with open(f"/proc/{name}/stat", "rb") as f:
                 stat = f.read()
-            uid = os.stat("/proc/%s" % name).st_uid
         except OSError:
             continue
-        fields = stat[stat.rindex(b")") + 2:].split()
+        fields = stat[stat.rindex(b")") + 2 :].split()
         if fields[0] in (b"Z", b"X"):
             continue
-        yield int(name), int(fields[3]), uid
+        yield int(name), int(fields[3])
 
 
 def kill_quietly(pid):
@@ -392,7 +425,7 @@ def kill_session(session):
     except OSError:
         pass
     for _ in range(20):  # children forked during a scan are caught by the next one
-        members = [pid for pid, sid, _ in processes() if sid == session]
+        members = [pid for pid, sid in processes() if sid == session]
         if not members:
             return
         for pid in members:
@@ -418,7 +451,7 @@ def memfd_holding(data):
         os.unlink(path)
     view = memoryview(data)
     while view:
-        view = view[os.write(fd, view):]
+        view = view[os.write(fd, view) :]
     os.lseek(fd, 0, os.SEEK_SET)
     return fd
 
@@ -452,7 +485,7 @@ def rlimits_for(program, limits):
 
 
 def payload_for(program, nonce, limits):
-    rlimits = " ".join("%s=%d,%d" % (name, soft, hard) for name, (soft, hard) in rlimits_for(program, limits).items())
+    rlimits = " ".join(f"{name}={soft},{hard}" for name, (soft, hard) in rlimits_for(program, limits).items())
     return b"\n".join([nonce.encode(), rlimits.encode(), program["source"].encode("utf-8", "surrogatepass")])
 
 
@@ -494,7 +527,7 @@ class Judge:
         try:
             verdict = self.judge(index, program)
         except Exception as exc:  # a harness bug must cost one verdict, not the shard
-            verdict = {"status": "error", "seconds": 0.0, "error": shorten("runner: %r" % exc)}
+            verdict = {"status": "error", "seconds": 0.0, "error": shorten(f"runner: {exc!r}")}
         self.emitter.emit(dict({"verdict": index}, **verdict))
 
     def judge(self, index, program):
@@ -502,11 +535,12 @@ class Judge:
         timeout_s = float(program["timeout_s"])
         workdir = tempfile.mkdtemp(prefix="program-", dir=self.scratch)
         try:
+            # Announced before the fork: a program can kill this runner before fork() returns.
+            self.emitter.emit({"started": index})
             try:
                 running = self.spawn(payload_for(program, nonce, self.limits), workdir)
             except SpawnError as exc:
-                return {"status": "error", "seconds": 0.0, "error": shorten("could not start: %s" % exc)}
-            self.emitter.emit({"started": index})
+                return {"status": "error", "seconds": 0.0, "error": shorten(f"could not start: {exc}")}
             try:
                 self.supervise(running, timeout_s)
             finally:
@@ -611,10 +645,14 @@ class Judge:
             pass
 
     def kill_strays(self):
-        """Kill processes that left their program's session (double fork + setsid)."""
+        """Kill processes that left their program's session (double fork + setsid).
+
+        Only inside a private PID namespace, where every process but init is ours; one
+        we may not signal is simply not killed.
+        """
         legitimate = set(self.in_flight) | {self.own_session}
-        for pid, session, uid in processes():
-            if pid not in (1, os.getpid(), self.zygote.process.pid) and uid == self.own_uid and session not in legitimate:
+        for pid, session in processes():
+            if pid not in (1, os.getpid(), self.zygote.process.pid) and session not in legitimate:
                 kill_quietly(pid)
 
     def abandon(self):
@@ -626,7 +664,7 @@ class Judge:
         own_reports = [data for sender, data in running.reports if sender == running.pid]
         code = running.returncode
         if running.timed_out:
-            return dict(verdict, status="timeout", error="exceeded %gs" % timeout_s)
+            return dict(verdict, status="timeout", error=f"exceeded {timeout_s:g}s")
         if code == 0 and b"PASS " + nonce.encode() in own_reports:
             return dict(verdict, status="passed", error="")
         for data in own_reports:
@@ -638,17 +676,21 @@ class Judge:
         if code is not None and code < 0:
             if -code == signal.SIGXCPU:
                 return dict(verdict, status="timeout", error="CPU time limit (SIGXCPU)")
-            return dict(verdict, status="failed", error=shorten("killed by %s %s" % (signal_name_of(-code), last_line(running))))
+            return dict(
+                verdict,
+                status="failed",
+                error=shorten(f"killed by {signal_name_of(-code)} {last_line(running)}"),
+            )
         return dict(
             verdict,
             status="failed",
-            error=shorten("exited with status %s before its last statement %s" % (code, last_line(running))),
+            error=shorten(f"exited with status {code} before its last statement {last_line(running)}"),
         )
 
 
 def last_line(running):
     lines = bytes(running.stderr_tail).decode("utf-8", "replace").strip().splitlines()
-    return "(%s)" % lines[-1] if lines else ""
+    return f"({lines[-1]})" if lines else ""
 
 
 def select_readable(fd, timeout_s):
@@ -661,7 +703,14 @@ def signal_name_of(number):
     try:
         return signal.Signals(number).name
     except ValueError:
-        return "signal %d" % number
+        return f"signal {number}"
+
+
+def heartbeat(emitter):
+    """Lets the host tell a busy runner from a frozen or starved one."""
+    while True:
+        time.sleep(HEARTBEAT_S)
+        emitter.emit({"alive": True})
 
 
 def load_request(argv):
@@ -677,12 +726,14 @@ def main(argv):
     judge = None
 
     def abort(reason):
+        emitter.close()
         if judge is not None:
             judge.abandon()
-        os.write(2, ("runner: %s\n" % reason).encode())
+        os.write(2, (f"runner: {reason}\n").encode())
         os._exit(4)
 
     emitter = Emitter(request["token"], abort)
+    threading.Thread(target=heartbeat, args=(emitter,), daemon=True).start()
     zygote = Zygote(abort)
     judge = Judge(request, emitter, zygote)
     programs = request["programs"]

@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import json
 import secrets
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Protocol, Sequence
+from typing import Protocol
 
 from sandbox.core import Limits, Program, Verdict
 
@@ -32,13 +34,39 @@ class Termination:
     watchdog_fired: bool = False
 
 
+class Watchdog:
+    """When to give up on a sandbox: past its total budget, or silent for too long.
+
+    The runner emits a heartbeat every second, so a sandbox whose runner was frozen or
+    starved is noticed after `silence_s`, not after a budget that can run to hours.
+    Only token-bearing lines count as signs of life, so programs cannot fake them.
+    """
+
+    def __init__(self, total_s: float, silence_s: float) -> None:
+        self.total_s = total_s
+        self.silence_s = silence_s
+        self._started = self._last_sign = time.monotonic()
+
+    def saw_life(self) -> None:
+        self._last_sign = time.monotonic()
+
+    def remaining(self) -> float:
+        return min(self._started + self.total_s, self._last_sign + self.silence_s) - time.monotonic()
+
+    def reason(self) -> str:
+        now = time.monotonic()
+        if now - self._started >= self.total_s:
+            return f"watchdog: no result within {self.total_s:.0f}s"
+        return f"watchdog: no sign of life for {self.silence_s:.0f}s"
+
+
 class Backend(Protocol):
     name: str
     private_pid_namespace: bool  # lets the runner kill strays by session without harming the host
     limits_processes: bool  # whether RLIMIT_NPROC is a meaningful per-program limit here
 
     def execute(
-        self, request: bytes, limits: Limits, watchdog_s: float, on_output: Callable[[bytes], None]
+        self, request: bytes, limits: Limits, watchdog: Watchdog, on_output: Callable[[bytes], None]
     ) -> Termination: ...
 
 
@@ -47,6 +75,7 @@ class EventStream:
     """Parses the runner's token-prefixed event lines; anything else is dropped."""
 
     token: str
+    watchdog: Watchdog | None = None
     started: set[int] = field(default_factory=set)
     verdicts: dict[int, dict] = field(default_factory=dict)
     finished: bool = False
@@ -74,9 +103,11 @@ class EventStream:
         if not line.startswith(prefix):
             return
         try:
-            event = json.loads(line[len(prefix):])
+            event = json.loads(line[len(prefix) :])
         except ValueError:
             return
+        if self.watchdog is not None:
+            self.watchdog.saw_life()
         if "started" in event:
             self.started.add(int(event["started"]))
         elif "verdict" in event:
@@ -89,7 +120,9 @@ class EventStream:
             self.finished = True
 
 
-def runner_request(programs: Sequence[Program], limits: Limits, backend: Backend, token: str, deadline_s: float) -> bytes:
+def runner_request(
+    programs: Sequence[Program], limits: Limits, backend: Backend, token: str, deadline_s: float
+) -> bytes:
     rlimits = {
         "address_space_mb": limits.memory_mb,
         "file_size_mb": limits.scratch_mb,
@@ -137,12 +170,12 @@ def _run_group(group, programs, backend, limits, record) -> list[list[int]]:
     """Runs one sandbox over `group`; returns the groups that must be run again."""
     members = [programs[index] for index in group]
     token = secrets.token_hex(16)
-    watchdog_s = limits.watchdog_seconds([program.timeout_s for program in members])
-    stream = EventStream(token)
+    watchdog = Watchdog(limits.watchdog_seconds([program.timeout_s for program in members]), limits.watchdog_slack_s)
+    stream = EventStream(token, watchdog)
     stream.on_verdict = lambda local, event: record(group[local], verdict_from_event(programs[group[local]], event))
-    request = runner_request(members, limits, backend, token, watchdog_s + RUNNER_DEADLINE_MARGIN_S)
+    request = runner_request(members, limits, backend, token, watchdog.total_s + RUNNER_DEADLINE_MARGIN_S)
     try:
-        termination = backend.execute(request, limits, watchdog_s, stream.feed)
+        termination = backend.execute(request, limits, watchdog, stream.feed)
     except SandboxFailure as exc:
         termination = None
         failure = f"sandbox ({backend.name}) failed: {exc}"
@@ -160,7 +193,7 @@ def _run_group(group, programs, backend, limits, record) -> list[list[int]]:
         return []
     if len(group) == 1:
         status = "timeout" if termination.watchdog_fired else "failed"
-        record(group[0], Verdict(members[0].key, status, watchdog_s if termination.watchdog_fired else 0.0, f"{failure} while this program ran"))
+        record(group[0], Verdict(members[0].key, status, 0.0, f"{failure} while this program ran"))
         return []
     retry = [[group[local]] for local in running]
     if waiting:

@@ -17,7 +17,7 @@ import argparse
 import statistics
 import sys
 import time
-from typing import Mapping
+from collections.abc import Mapping
 
 from sandbox import BACKENDS, Limits, Program, available_backends, run_programs
 
@@ -81,7 +81,7 @@ def measure(backends: list[str], repeats: int, limits: Limits) -> dict[str, tupl
 
 def report(results: dict[str, tuple[float, int]], total: int) -> tuple[str, bool]:
     reference_s = results[REFERENCE][0]
-    lines = [f"{'contender':<10} {'seconds':>8} {'ratio':>6} {'target':>7} {'passed':>8}  what"]
+    lines = [f"{'contender':<10} {'seconds':>8} {'ratio':>6} {'target':>7} {'passed':>8} {'':>6}  what"]
     ok = True
     for name, (seconds, passed) in results.items():
         ratio = seconds / reference_s
@@ -90,22 +90,28 @@ def report(results: dict[str, tuple[float, int]], total: int) -> tuple[str, bool
         ok &= met
         target_text = f"<={target:g}" if target else "-"
         verdict = "" if target is None and passed == total else ("ok" if met else "MISSED")
+        counts = f"{passed}/{total}"
         lines.append(
-            f"{name:<10} {seconds:>8.2f} {ratio:>6.2f} {target_text:>7} {f'{passed}/{total}':>8}  {_describe(name)} {verdict}"
+            f"{name:<10} {seconds:>8.2f} {ratio:>6.2f} {target_text:>7} {counts:>8} {verdict:>6}  {_describe(name)}"
         )
     return "\n".join(lines), ok
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--backend", action="append", choices=[*BACKENDS, "none"], help="default: all available, and none")
+    parser.add_argument(
+        "--backend", action="append", choices=[*BACKENDS, "none"], help="default: all available, and none"
+    )
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--parallel", type=int, default=Limits().parallel)
     parser.add_argument("--cpus", type=float, default=Limits().cpus)
     args = parser.parse_args(argv)
     backends = args.backend or [*available_backends(), "none"]
     limits = Limits(parallel=args.parallel, cpus=args.cpus)
-    print(f"{len(backends)} backend(s), {args.repeats} round(s), parallel={limits.parallel}, cpus={limits.cpus:g}", flush=True)
+    print(
+        f"{len(backends)} backend(s), {args.repeats} round(s), parallel={limits.parallel}, cpus={limits.cpus:g}",
+        flush=True,
+    )
     results = measure(backends, args.repeats, limits)
     table, ok = report(results, total=164)
     print(table)

@@ -27,9 +27,10 @@ def require_backend(name: str) -> str:
     try:
         return resolve_backend(name)
     except SandboxUnavailable as exc:
-        if os.environ.get(REQUIRE_ENV) == "1":
-            pytest.fail(f"{REQUIRE_ENV}=1 but the {name} sandbox is unavailable: {exc}", pytrace=False)
-        pytest.skip(f"{name} sandbox unavailable: {exc}")
+        reason = str(exc)
+    if os.environ.get(REQUIRE_ENV) == "1":
+        pytest.fail(f"{REQUIRE_ENV}=1 but {reason}", pytrace=False)
+    pytest.skip(reason)
 
 
 @pytest.fixture(params=ISOLATING)

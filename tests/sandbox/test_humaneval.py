@@ -51,7 +51,11 @@ def test_every_canonical_solution_passes_and_every_wrong_one_fails(verdicts, pro
 
 def test_verdicts_agree_with_the_reference_evaluator(verdicts, known_programs, reference_passed):
     ours = [verdicts[program.key].passed for program in known_programs]
-    disagreements = [program.key for program, mine, theirs in zip(known_programs, ours, reference_passed) if mine != theirs]
+    disagreements = [
+        program.key
+        for program, mine, theirs in zip(known_programs, ours, reference_passed, strict=False)
+        if mine != theirs
+    ]
     assert disagreements == []
 
 

@@ -50,7 +50,9 @@ def test_a_crash_is_failed_with_the_signal(any_backend):
 
 
 def test_output_does_not_change_the_verdict(any_backend):
-    verdict = judge(any_backend, "import sys\nfor i in range(10000):\n    print('PASS', i)\n    print('FAIL', i, file=sys.stderr)\n")
+    verdict = judge(
+        any_backend, "import sys\nfor i in range(10000):\n    print('PASS', i)\n    print('FAIL', i, file=sys.stderr)\n"
+    )
     assert verdict.status == "passed"
 
 
