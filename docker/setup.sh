@@ -23,7 +23,7 @@ fi
 # Install the pinned torch before the project so that pip keeps it: where a local CPU wheel
 # is offered (as on CPU-only build machines) pip takes it instead of the CUDA build.
 python3 -c "import torch" 2>/dev/null || python3 -m pip install -q "torch==2.13.0"
-python3 -m pip install -q -e ".[test]"
+python3 -m pip install -q -e ".[test,ray]"
 
 bash docker/start_engine.sh
 bash docker/build_sandbox_image.sh

@@ -23,6 +23,10 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("grid", nargs="?", default=None, help="a grid TOML file or a bundled grid name")
     run.add_argument("--dry-run", action="store_true", help="list the grid's cells with their settings and stop")
     run.add_argument("--no-report", action="store_true", help="skip writing the report at the end")
+    run.add_argument("--runner", choices=("threads", "ray"), default="threads",
+                     help="threads: this process (default); ray: a Ray cluster, GPU stages one per GPU")
+    run.add_argument("--address", default=None,
+                     help="the Ray cluster to join (host:port, ray://host:10001 or auto; default: start a local one)")
 
     status = with_workspace(sub.add_parser("status", help="which cells and stages are done, cached or failed"))
     status.add_argument("grid", nargs="?", default=None, help="also list this grid's cells that have not run")
@@ -42,7 +46,7 @@ def _parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--benchmark", choices=("humaneval", "mbpp"), required=True)
     evaluate.add_argument("--mbpp-path", default=None, help="MBPP problems as JSONL (default: the hub)")
     evaluate.add_argument("--sandbox", choices=("auto", "docker", "bwrap", "none"), default="auto")
-    evaluate.add_argument("--style", choices=("completion", "chat"), default="completion")
+    evaluate.add_argument("--style", choices=("completion", "chat", "coda-instruct"), default="completion")
     evaluate.add_argument("--timeout", type=float, default=10.0, help="seconds per sample")
     evaluate.add_argument("--out", default=None, help="write one verdict per sample as JSONL")
     return parser
@@ -51,10 +55,11 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     from tasks.config import ConfigError
+    from tasks.store import StoreBusy
 
     try:
         return COMMANDS[args.command](args)
-    except (ConfigError, FileNotFoundError, ValueError) as exc:
+    except (ConfigError, FileNotFoundError, ValueError, StoreBusy) as exc:
         print(f"qrobust: error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:
@@ -73,11 +78,14 @@ def cmd_run(args) -> int:
     if args.dry_run:
         _print_cells(grid, console)
         return 0
+    from flows.runners import RunnerSpec
+
+    runner = RunnerSpec(args.runner, args.address)
     _check_sandbox(grid)
     workspace = Workspace.at(args.workspace)
     from flows.grid import run_grid
 
-    summary = run_grid(grid, workspace, console)
+    summary = run_grid(grid, workspace, runner)
     console.print(
         f"grid {grid.name!r}: {summary['done']} cells done, {summary['failed']} failed "
         f"in {summary['seconds']:.1f}s; store: {workspace.store_path}"
@@ -102,17 +110,27 @@ def _print_cells(grid, console) -> None:
     from rich.table import Table
 
     table = Table(title=f"grid {grid.name}: {len(grid.cells())} cells")
-    for column in ("cell", "model", "family", "method", "benchmark", "problems", "settings"):
+    for column in ("cell", "model", "family", "method", "benchmark", "problems", "prompt", "settings"):
         table.add_column(column)
-    g = grid.generation
     for cell in grid.cells():
         b = cell.benchmark
-        settings = f"max_new_tokens={g.max_new_tokens} temperature={g.temperature} n={g.n_samples}"
-        if cell.model.family == "diffusion":
-            settings += f" steps={g.steps} alg={g.alg} block={g.block_length}"
-        table.add_row(cell.cell_id, cell.model.name, cell.model.family, cell.method.label, b.name,
-                      str(b.limit or "all"), settings)
+        problems = str(len(b.task_ids) if b.task_ids else b.limit or "all")
+        table.add_row(cell.cell_id, cell.model.name, cell.model.family, cell.method.label, b.name, problems,
+                      cell.model.prompt_style, generation_settings(cell))
     console.print(table)
+
+
+def generation_settings(cell) -> str:
+    """The decoding settings a cell runs with, those of its model's family only."""
+    g = cell.generation
+    settings = [f"max_new_tokens={g.max_new_tokens}", f"temperature={g.temperature}", f"top_p={g.top_p}"]
+    if g.top_k is not None:
+        settings.append(f"top_k={g.top_k}")
+    if cell.model.family == "diffusion":
+        settings += [f"steps={g.steps}", f"alg={g.alg}", f"alg_temp={g.alg_temp}", f"eps={g.eps}",
+                     f"block_length={g.block_length}"]
+    settings += [f"n_samples={g.n_samples}", f"seed={g.seed}", f"dtype={cell.model.dtype}", f"weights={g.weights}"]
+    return " ".join(settings)
 
 
 def _write_report(workspace) -> dict:

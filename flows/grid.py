@@ -1,33 +1,46 @@
 """The grid flow: every cell of a model x method x benchmark grid, cached and resumable.
 
 Composition only: which stage runs after which, what is cached, what is recorded. A
-failing cell or shard is recorded in the store and the others go on.
+failing cell or shard is recorded in the store and the others go on. Where the stages run
+(one process, or a Ray cluster) is `flows.runners`' business; this module says what follows
+each stage's result.
 """
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
+from flows.runners import RunnerSpec, StageEvent, StageFailed, StageRunner, ray_session, result_storage
 from tasks.config import Cell, GridConfig, MethodSpec, ModelSpec
-from tasks.workspace import Workspace, artifact_exists
+from tasks.workspace import Workspace
+
+if TYPE_CHECKING:
+    from tasks.store import Store
 
 
-@dataclass
-class PendingCell:
-    cell: Cell
-    checkpoint: dict
-    generations: list[dict]
-    futures: list
-    started: float = field(default_factory=time.perf_counter)
-
-
-def run_grid(grid: GridConfig, workspace: Workspace, console=None) -> dict:
+def run_grid(grid: GridConfig, workspace: Workspace, runner: RunnerSpec = RunnerSpec()) -> dict:
     """Run (or resume) a grid; returns a summary {done, failed, seconds}."""
-    from prefect.settings import PREFECT_RESULTS_LOCAL_STORAGE_PATH, temporary_settings
+    flow = grid_flow.with_options(result_storage=result_storage(workspace), persist_result=False,
+                                  task_runner=runner.task_runner())
+    if runner.name == "threads":
+        return flow(grid, workspace, runner)
+    from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    with temporary_settings({PREFECT_RESULTS_LOCAL_STORAGE_PATH: str(workspace.prefect_results)}):
-        return grid_flow(grid, workspace, console)
+    with ray_session(runner, grid.scale, _gpu_stages(grid)) as api_url, \
+            temporary_settings({PREFECT_API_URL: api_url}):
+        return flow(grid, workspace, runner)
+
+
+def _gpu_stages(grid: GridConfig) -> set[str]:
+    """The stages of this grid that load a model (and so may hold a GPU)."""
+    stages = {"generate"}
+    if any(m.quantizes for m in grid.methods):
+        stages.add("quantize")
+    if any(m.name == "hawq" for m in grid.methods):
+        stages.add("hessian")
+    return stages
 
 
 def _flow(fn):
@@ -36,131 +49,163 @@ def _flow(fn):
     return flow(name="qrobust-grid", log_prints=False, validate_parameters=False)(fn)
 
 
+@dataclass
+class GridRun:
+    """What every step of the flow needs: the grid, where it lives, and how stages run."""
+
+    grid: GridConfig
+    workspace: Workspace
+    store: "Store"
+    stages: StageRunner
+    progress: "GridProgress"
+
+
+@dataclass
+class CellRun:
+    """A cell whose shards are in flight; its rows are written when every shard is judged."""
+
+    cell: Cell
+    checkpoint: dict
+    n_shards: int
+    generations: dict[int, dict] = field(default_factory=dict)
+    verdicts: dict[int, dict] = field(default_factory=dict)
+    failed: bool = False
+
+
 @_flow
-def grid_flow(grid: GridConfig, workspace: Workspace, console=None) -> dict:
-    from tasks.store import connect, write_pairs
+def grid_flow(grid: GridConfig, workspace: Workspace, runner: RunnerSpec = RunnerSpec()) -> dict:
+    from tasks.store import Store, write_pairs
     from tasks.views import refresh_statistics
 
-    progress = GridProgress(grid, console)
     started = time.perf_counter()
-    with connect(workspace.store_path) as con:
-        write_pairs(con, grid.pairs)
-        pending: list[PendingCell] = []
-        for model in grid.models:
-            _run_model(grid, model, workspace, con, pending, progress)
-        _drain(pending, con, workspace, grid, progress, wait=True)
-        refresh_statistics(con)
-    progress.close()
-    return {**progress.counts, "seconds": time.perf_counter() - started}
+    store = Store(workspace.store_path)
+    stages = StageRunner(runner, grid.scale, workspace.prefect_results / "locks", store)
+    run = GridRun(grid, workspace, store, stages, GridProgress(grid))
+    store.write(write_pairs, grid.pairs)
+    for model in grid.models:
+        _start_model(run, model)
+    stages.finish()
+    store.write(refresh_statistics)
+    run.progress.close()
+    return {**run.progress.counts, "seconds": time.perf_counter() - started}
 
 
-def _stage(task, *args, refresh: bool = False):
-    """Run a cached task; returns (result, state name: Completed | Cached)."""
-    runner = task.with_options(refresh_cache=True) if refresh else task
-    state = runner(*args, return_state=True)
-    result = state.result()
-    if isinstance(result, dict) and result.get("path") and not artifact_exists(result) and not refresh:
-        return _stage(task, *args, refresh=True)  # the cached artifact was deleted: rebuild it
-    return result, state.name
-
-
-def _run_model(grid, model: ModelSpec, workspace, con, pending, progress) -> None:
+def _start_model(run: GridRun, model: ModelSpec) -> None:
     from tasks.stages import calibration_task, prepare_model_task
-    from tasks.store import record_event
 
-    cells = [c for c in grid.cells() if c.model == model]
+    cells = [c for c in run.grid.cells() if c.model == model]
     try:
-        model_manifest, state = _stage(prepare_model_task, model, workspace)
-        record_event(con, model.name, "prepare-model", state)
-        needs_calibration = any(m.name in ("gptq", "hawq") for m in grid.methods)
+        model_manifest = run.stages.run(prepare_model_task, model, run.workspace,
+                                        event=StageEvent(model.name, "prepare-model"))
         calibration = None
-        if needs_calibration:
-            calibration, state = _stage(calibration_task, grid.calibration, model_manifest, workspace)
-            record_event(con, model.name, "calibration", state)
-    except Exception as exc:
+        if any(m.name in ("gptq", "hawq") for m in run.grid.methods):
+            calibration = run.stages.run(calibration_task, run.grid.calibration, model_manifest, run.workspace,
+                                         event=StageEvent(model.name, "calibration"))
+    except StageFailed as exc:
         for cell in cells:
-            _record_failure(con, cell, f"model preparation failed: {_one_line(exc)}", grid, progress)
+            _record_failure(run, cell, f"model preparation failed: {exc}")
         return
-    for method in grid.methods:
-        method_cells = [c for c in cells if c.method == method]
-        try:
-            checkpoint = _quantized_checkpoint(model_manifest, method, calibration, workspace, con)
-        except Exception as exc:
-            for cell in method_cells:
-                _record_failure(con, cell, f"quantization failed: {_one_line(exc)}", grid, progress)
-            continue
-        for cell in method_cells:
-            _generate_cell(cell, checkpoint, grid, workspace, con, pending, progress)
-            _drain(pending, con, workspace, grid, progress, wait=False)
+    for method in run.grid.methods:
+        _start_quantization(run, model_manifest, method, calibration, [c for c in cells if c.method == method])
 
 
-def _quantized_checkpoint(model_manifest, method: MethodSpec, calibration, workspace, con) -> dict:
-    from tasks.stages import quantize_task
-    from tasks.store import record_event
-
-    allocation = None
-    if method.name == "hawq":
-        allocation = _hawq_allocation(model_manifest, method, calibration, workspace, con)
-    started = time.perf_counter()
-    checkpoint, state = _stage(quantize_task, model_manifest, method, calibration, workspace, allocation)
-    record_event(con, f"{model_manifest['name']}/{method.label}", "quantize", state, time.perf_counter() - started)
-    return checkpoint
-
-
-def _hawq_allocation(model_manifest, method, calibration, workspace, con) -> dict:
+def _start_quantization(run: GridRun, model_manifest: dict, method: MethodSpec, calibration, cells) -> None:
+    """quantize (after hessian -> allocation for HAWQ), then every cell of this model x method."""
     from tasks.hawq import read_traces
-    from tasks.stages import allocation_task, hessian_task
-    from tasks.store import record_event, write_layer_sensitivity
+    from tasks.stages import allocation_task, hessian_task, quantize_task
+    from tasks.store import write_layer_sensitivity
 
-    traces, state = _stage(hessian_task, model_manifest, method, calibration, workspace)
-    record_event(con, f"{model_manifest['name']}/{method.label}", "hessian", state)
-    write_layer_sensitivity(con, model_manifest["name"], method.estimator, read_traces(traces))
-    allocation, state = _stage(allocation_task, model_manifest, method, traces, workspace)
-    record_event(con, f"{model_manifest['name']}/{method.label}", "allocation", state)
-    return allocation
+    subject = f"{model_manifest['name']}/{method.label}"
+
+    def failed(error: str) -> None:
+        for cell in cells:
+            _record_failure(run, cell, f"quantization failed: {error}")
+
+    def generate(checkpoint: dict) -> None:
+        for cell in cells:
+            _start_cell(run, cell, checkpoint)
+
+    def quantize(allocation: dict | None) -> None:
+        run.stages.submit(quantize_task, model_manifest, method, calibration, run.workspace, allocation,
+                          event=StageEvent(subject, "quantize"), then=generate, on_error=failed,
+                          uses_gpu=method.quantizes)
+
+    def allocate(traces: dict) -> None:
+        try:
+            run.store.write(write_layer_sensitivity, model_manifest["name"], method.estimator, read_traces(traces))
+        except Exception as exc:
+            failed(_one_line(exc))
+            return
+        run.stages.submit(allocation_task, model_manifest, method, traces, run.workspace,
+                          event=StageEvent(subject, "allocation"), then=quantize, on_error=failed)
+
+    if method.name == "hawq":
+        run.stages.submit(hessian_task, model_manifest, method, calibration, run.workspace,
+                          event=StageEvent(subject, "hessian"), then=allocate, on_error=failed)
+    else:
+        quantize(None)
 
 
-def _generate_cell(cell: Cell, checkpoint, grid, workspace, con, pending, progress) -> None:
+def _start_cell(run: GridRun, cell: Cell, checkpoint: dict) -> None:
+    """generate every shard; judge each generated shard in the sandbox; store the judged cell."""
     from tasks.generate.shard import shard_task_ids
     from tasks.stages import execute_task, generate_task
-    from tasks.store import record_event
 
-    generations, futures = [], []
     try:
-        for index, task_ids in enumerate(shard_task_ids(cell)):
-            started = time.perf_counter()
-            generation, state = _stage(generate_task, cell, checkpoint, task_ids, workspace)
-            record_event(con, cell.cell_id, "generate", state, time.perf_counter() - started, shard=index)
-            generations.append(generation)
-            futures.append(execute_task.submit(cell, generation, grid.sandbox, workspace))
-            progress.shard_done(cell)
-    except Exception as exc:
-        _record_failure(con, cell, f"generation failed: {_one_line(exc)}", grid, progress)
+        shards = shard_task_ids(cell)
+    except Exception as exc:  # the benchmark's problems could not be loaded
+        _record_failure(run, cell, f"generation failed: {_one_line(exc)}")
         return
-    pending.append(PendingCell(cell, checkpoint, generations, futures))
+    cell_run = CellRun(cell, checkpoint, n_shards=len(shards))
+
+    def failed(stage: str):
+        return lambda error: _fail_cell(run, cell_run, f"{stage} failed: {error}")
+
+    def judge(index: int, generation: dict) -> None:
+        cell_run.generations[index] = generation
+        run.progress.shard_done(cell)
+        if not cell_run.failed:
+            run.stages.submit(execute_task, cell, generation, run.grid.sandbox, run.workspace,
+                              event=StageEvent(cell.cell_id, "execute", index), on_error=failed("execution"),
+                              then=lambda verdicts: _judged(run, cell_run, index, verdicts))
+
+    if not shards:  # no problem selected: the cell is stored empty
+        _store_cell(run, cell_run)
+    for index, task_ids in enumerate(shards):
+        if cell_run.failed:  # a shard failed already: the cell is recorded, the rest is moot
+            break
+        run.stages.submit(generate_task, cell, checkpoint, task_ids, run.workspace,
+                          event=StageEvent(cell.cell_id, "generate", index), on_error=failed("generation"),
+                          then=lambda generation, index=index: judge(index, generation))
 
 
-def _drain(pending: list[PendingCell], con, workspace, grid, progress, wait: bool) -> None:
-    from tasks.store import assemble_cell, record_event, write_cell
+def _judged(run: GridRun, cell_run: CellRun, index: int, verdicts: dict) -> None:
+    cell_run.verdicts[index] = verdicts
+    if not cell_run.failed and len(cell_run.verdicts) == cell_run.n_shards:
+        _store_cell(run, cell_run)
 
-    for item in list(pending):
-        if not wait and not all(f.state.is_final() for f in item.futures):
-            continue
-        pending.remove(item)
-        try:
-            verdicts = []
-            for index, future in enumerate(item.futures):
-                future.wait()
-                verdicts.append(future.result())
-                record_event(con, item.cell.cell_id, "execute", future.state.name, shard=index)
-            samples, result = assemble_cell(item.checkpoint, item.generations, verdicts)
-            backend = verdicts[0]["backend"] if verdicts else None
-            record = _run_record(item.cell, grid, "done", sandbox=backend)
-            record["module_bits"] = item.checkpoint.get("module_bits")
-            write_cell(con, item.cell, record, samples, result)
-            progress.cell_done(item.cell, result["pass_at_1"])
-        except Exception as exc:
-            _record_failure(con, item.cell, f"execution failed: {_one_line(exc)}", grid, progress)
+
+def _store_cell(run: GridRun, cell_run: CellRun) -> None:
+    from tasks.store import assemble_cell, write_cell
+
+    cell = cell_run.cell
+    try:
+        order = range(cell_run.n_shards)
+        verdicts = [cell_run.verdicts[i] for i in order]
+        samples, result = assemble_cell(cell_run.checkpoint, [cell_run.generations[i] for i in order], verdicts)
+        record = _run_record(cell, run.grid, "done", sandbox=verdicts[0]["backend"] if verdicts else None)
+        record["module_bits"] = cell_run.checkpoint.get("module_bits")
+        run.store.write(write_cell, cell, record, samples, result)
+    except Exception as exc:
+        _fail_cell(run, cell_run, f"execution failed: {_one_line(exc)}")
+        return
+    run.progress.cell_done(cell, result["pass_at_1"])
+
+
+def _fail_cell(run: GridRun, cell_run: CellRun, error: str) -> None:
+    if not cell_run.failed:  # the first failure is the cell's; its other shards' are consequences
+        cell_run.failed = True
+        _record_failure(run, cell_run.cell, error)
 
 
 def _run_record(cell: Cell, grid: GridConfig, status: str, error: str | None = None, sandbox: str | None = None):
@@ -177,12 +222,15 @@ def _run_record(cell: Cell, grid: GridConfig, status: str, error: str | None = N
     return {"config": config, "status": status, "error": error, "sandbox": sandbox}
 
 
-def _record_failure(con, cell: Cell, error: str, grid, progress) -> None:
+def _record_failure(run: GridRun, cell: Cell, error: str) -> None:
     from tasks.store import record_event, write_cell
 
-    write_cell(con, cell, _run_record(cell, grid, "failed", error=error), [], None)
-    record_event(con, cell.cell_id, "cell", "Failed", error=error)
-    progress.cell_failed(cell, error)
+    def write(con) -> None:
+        write_cell(con, cell, _run_record(cell, run.grid, "failed", error=error), [], None)
+        record_event(con, cell.cell_id, "cell", "Failed", error=error)
+
+    run.store.write(write)
+    run.progress.cell_failed(cell, error)
 
 
 def _one_line(exc: BaseException) -> str:
@@ -193,11 +241,11 @@ def _one_line(exc: BaseException) -> str:
 class GridProgress:
     """A rich progress bar over the grid's cells, with a line per finished cell."""
 
-    def __init__(self, grid: GridConfig, console=None) -> None:
+    def __init__(self, grid: GridConfig) -> None:
         from rich.console import Console
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-        self.console = console or Console(stderr=True)
+        self.console = Console(stderr=True)
         self.counts = {"done": 0, "failed": 0}
         self.progress = Progress(
             TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),

@@ -29,18 +29,31 @@ class Problem:
     test: str            # test code that raises on failure
     reference: str       # a known-correct solution (whole program part before the tests)
     description: str = ""
+    test_list: tuple[str, ...] = ()  # MBPP's assert lines, as its prompts show them
 
 
 @dataclass(frozen=True)
 class BenchmarkFormat:
-    """How a problem becomes a prompt and a completion becomes a program."""
+    """How a problem becomes a prompt and a completion becomes a program.
+
+    Templates are str.format strings over {prompt}, {description}, {first_test}, {tests} and
+    {test_list}. In the chat styles `prompt_template` is the user message; `generation_prefix`
+    is then appended after the chat template's assistant header, so the answer continues it.
+    `source` says where the format comes from; it is recorded with every run.
+    """
 
     name: str
-    style: str                       # completion | chat
-    prompt_template: str             # str.format over {prompt}, {description}, {first_test}
+    style: str                       # completion | chat | coda-instruct
+    prompt_template: str
     stop_strings: tuple[str, ...]
     completion_is_whole_program: bool  # False: the completion continues the prompt
     chat_instruction: str = ""
+    generation_prefix: str = ""
+    source: str = ""
+
+    @property
+    def uses_chat_template(self) -> bool:
+        return self.style in ("chat", "coda-instruct")
 
 
 FORMATS: dict[tuple[str, str], BenchmarkFormat] = {
@@ -74,6 +87,37 @@ FORMATS: dict[tuple[str, str], BenchmarkFormat] = {
         ),
         stop_strings=(),
         completion_is_whole_program=True,
+    ),
+    # CoDA's published coding evaluation (its eval_mbpp_humaneval.sh) runs lm-evaluation-harness
+    # tasks `humaneval_instruct` and `mbpp_instruct`, 0-shot with the chat template, through the
+    # harness fork of Dream's instruct evaluation (CoDA's evaluation/lm_eval says it is built on
+    # it). The two formats below are that fork's task files: user message, generation prefix
+    # (the harness's `gen_prefix`, appended after the assistant header) and stop strings, applied
+    # one after another to the answer cut at eos, as the fork's generate_until does. CoDA's own
+    # copy of the task files is not public; see `source`.
+    ("humaneval", "coda-instruct"): BenchmarkFormat(
+        name="humaneval",
+        style="coda-instruct",
+        prompt_template=(
+            "Write a solution to the following problem and make sure that it passes the tests:\n```{prompt}"
+        ),
+        generation_prefix="Here is the completed function:\n```python\n{prompt}\n",
+        # the harness's `until` for HumanEval, then its build_predictions_instruct cut at ```
+        stop_strings=("\nclass", "\ndef", "\n#", "\nif", "\nprint", "```"),
+        completion_is_whole_program=False,
+        source="lm-evaluation-harness humaneval_instruct (Dream instruct-eval fork), 0-shot, chat template",
+    ),
+    ("mbpp", "coda-instruct"): BenchmarkFormat(
+        name="mbpp",
+        style="coda-instruct",
+        prompt_template=(
+            "You are an expert Python programmer, and here is your task: {description} "
+            "Your code should pass these tests:\n\n{test_list}"
+        ),
+        generation_prefix="Here is the completed function:\n```python\n",
+        stop_strings=("```",),
+        completion_is_whole_program=True,
+        source="lm-evaluation-harness mbpp_instruct (Dream instruct-eval fork), 0-shot, chat template",
     ),
 }
 
@@ -163,6 +207,7 @@ def _load_mbpp(path: str | None) -> list[Problem]:
                 test=(record.get("test_setup_code") or "") + "\n" + tests + "\n",
                 reference=record["code"],
                 description=record["text"],
+                test_list=tuple(record["test_list"]),
             )
         )
     return problems
@@ -176,10 +221,24 @@ def _first_function_name(code: str) -> str:
 # --------------------------------------------------------------------------- prompts and programs
 
 def render_prompt(problem: Problem, fmt: BenchmarkFormat) -> str:
+    """The prompt (in the chat styles: the user message) of a problem."""
+    return _fill(fmt.prompt_template, problem)
+
+
+def render_generation_prefix(problem: Problem, fmt: BenchmarkFormat) -> str:
+    """The text the answer starts from, after the assistant header ("" if the format has none)."""
+    return _fill(fmt.generation_prefix, problem)
+
+
+def _fill(template: str, problem: Problem) -> str:
     tests = problem.test.strip()
     first_test = next((line for line in tests.splitlines() if line.startswith("assert")), "")
-    return fmt.prompt_template.format(
-        prompt=problem.prompt, description=problem.description, first_test=first_test, tests=tests
+    return template.format(
+        prompt=problem.prompt,
+        description=problem.description,
+        first_test=first_test,
+        tests=tests,
+        test_list="\n".join(problem.test_list),
     )
 
 
@@ -201,10 +260,20 @@ def extract_code(answer: str) -> str:
     return match.group(1) if match else answer
 
 
+def split_at_stop_strings(text: str, stop_strings: tuple[str, ...]) -> str:
+    """The text before each stop string in turn (the evaluation harness's rule; it differs from
+    cutting at the earliest match only when a stop string straddles an earlier cut)."""
+    for stop in stop_strings:
+        text = text.split(stop)[0]
+    return text
+
+
 def postprocess(answer: str, fmt: BenchmarkFormat) -> str:
     """What the model wrote, cut and cleaned the way the format prescribes."""
     if fmt.style == "chat":
         return extract_code(answer)
+    if fmt.style == "coda-instruct":
+        return split_at_stop_strings(answer, fmt.stop_strings)
     return truncate_at_stop_strings(answer, fmt.stop_strings)
 
 

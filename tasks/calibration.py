@@ -1,8 +1,11 @@
 """Calibration data: N sequences of seq_len tokens for GPTQ and the Hessian stage.
 
 Sources: `stdlib` (the Python standard library's own source files: a code corpus every
-machine has, and never a benchmark's test problems) or any Hugging Face dataset name
-(on a machine with hub access). A diffusion model sees partly masked inputs at inference,
+machine has, and never a benchmark's test problems), `training-set` (the very sequences a
+model trained by the pipeline learned: the only in-distribution data of the tiny demo
+models, whose loss on anything else is far from a minimum, so that their Hessian traces
+there are indefinite and useless for HAWQ) or any Hugging Face dataset name (on a machine
+with hub access). A diffusion model sees partly masked inputs at inference,
 so its calibration inputs are masked at varied ratios (`mask_ratios`, cycled over samples);
 the clean tokens are kept beside them for the denoising loss.
 """
@@ -15,7 +18,7 @@ from pathlib import Path
 from tasks.config import CalibrationSpec, ConfigError, config_hash
 from tasks.workspace import Workspace, read_manifest, write_manifest
 
-LOCAL_SOURCES = ("stdlib",)
+LOCAL_SOURCES = ("stdlib", "training-set")
 
 
 def stdlib_texts(limit_chars: int) -> list[str]:
@@ -33,6 +36,34 @@ def stdlib_texts(limit_chars: int) -> list[str]:
     return texts
 
 
+def training_set_texts(model_manifest: dict) -> list[str]:
+    """Prompt + answer of every problem a pipeline-trained model memorised."""
+    from tasks.benchmarks import benchmark_format, load_problems, render_prompt
+    from tasks.config import BenchmarkSpec
+    from tasks.training import BUNDLED_MBPP, completion_text
+
+    training = model_manifest.get("training")
+    if not training:
+        raise ConfigError(
+            f"calibration source 'training-set' needs a model trained by the pipeline; {model_manifest['name']!r} is not"
+        )
+    wanted = set(training["task_ids"])
+    problems = load_problems(BenchmarkSpec("humaneval")) + load_problems(BenchmarkSpec("mbpp", path=BUNDLED_MBPP))
+    return [
+        render_prompt(p, benchmark_format(p.benchmark, "completion")) + completion_text(p)
+        for p in problems
+        if p.task_id in wanted
+    ]
+
+
+def calibration_texts(spec: CalibrationSpec, model_manifest: dict) -> list[str]:
+    if spec.source == "stdlib":
+        return stdlib_texts(spec.n_samples * spec.seq_len * 8)
+    if spec.source == "training-set":
+        return training_set_texts(model_manifest)
+    return hub_texts(spec)
+
+
 def hub_texts(spec: CalibrationSpec) -> list[str]:
     try:
         from datasets import load_dataset
@@ -46,12 +77,10 @@ def hub_texts(spec: CalibrationSpec) -> list[str]:
         ) from None
 
 
-def calibration_token_windows(spec: CalibrationSpec, tokenizer):
+def calibration_token_windows(spec: CalibrationSpec, tokenizer, texts: list[str]):
     """`n_samples` windows of `seq_len` tokens drawn at seeded offsets from the corpus."""
     import torch
 
-    budget = spec.n_samples * spec.seq_len * 8
-    texts = stdlib_texts(budget) if spec.source == "stdlib" else hub_texts(spec)
     ids = torch.tensor(tokenizer("\n\n".join(texts))["input_ids"], dtype=torch.long)
     if ids.numel() < spec.seq_len + 1:
         raise ConfigError(f"calibration source {spec.source!r} has only {ids.numel()} tokens; need {spec.seq_len}")
@@ -76,7 +105,7 @@ def build_calibration(spec: CalibrationSpec, model_manifest: dict, workspace: Wo
     if (directory / "manifest.json").exists():
         return read_manifest(directory)
     tokenizer = load_tokenizer(model_manifest)
-    clean = calibration_token_windows(spec, tokenizer)
+    clean = calibration_token_windows(spec, tokenizer, calibration_texts(spec, model_manifest))
     tensors = {"input_ids": clean, "attention_mask": torch.ones_like(clean)}
     if family == "diffusion":
         from tasks.models.diffusion import mask_tokens

@@ -24,10 +24,16 @@ METHODS = ("fp", "rtn", "gptq", "hawq")
 ALLOWED_BITS = (2, 3, 4, 8)
 BENCHMARKS = ("humaneval", "mbpp")
 DIFFUSION_ALGS = ("origin", "maskgit_plus", "topk_margin", "entropy")
-TRACE_ESTIMATORS = ("hutchinson", "activation")
+TRACE_ESTIMATORS = ("hutchinson", "fisher", "activation")
 TIE_POLICIES = ("none", "qkv", "qkv+gate_up")
 SANDBOX_BACKENDS = ("auto", "docker", "bwrap", "none")
-PROMPT_STYLES = ("completion", "chat")
+PROMPT_STYLES = ("completion", "chat", "coda-instruct")
+# How a model's weights are stored: "auto" = a transformers checkpoint (or a tiny model built
+# here); "coda" = CoDA's own checkpoint format, converted to a Qwen3 checkpoint (tasks.models.coda).
+ARCHITECTURES = ("auto", "coda")
+# How a quantized checkpoint runs at generation time: gptqmodel's kernels (the speed path) or
+# plain linear layers holding exactly the dequantized weights (the accuracy path).
+WEIGHT_MODES = ("kernel", "dequantized")
 DEFAULT_MAX_NEW_TOKENS = 128
 
 
@@ -78,7 +84,11 @@ class TinyArchitecture:
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """A model of one family: a tiny one the project builds, or a Hugging Face checkpoint."""
+    """A model of one family: a tiny one the project builds, or a Hugging Face checkpoint.
+
+    `architecture = "coda"` reads the weights in CoDA's checkpoint format (the hub's, or for a
+    tiny model one written in that format) and converts them to Qwen3 (tasks.models.coda).
+    """
 
     name: str
     family: str
@@ -90,10 +100,16 @@ class ModelSpec:
     prompt_style: str = "completion"
     trust_remote_code: bool = False
     training: "TrainingSpec | None" = None
+    architecture: str = "auto"
 
     def __post_init__(self) -> None:
         _choice(self.family, FAMILIES, "model family")
         _choice(self.prompt_style, PROMPT_STYLES, "prompt style")
+        _choice(self.architecture, ARCHITECTURES, "architecture")
+        if self.architecture == "coda" and self.family != "diffusion":
+            raise ConfigError(
+                f"model {self.name!r} has architecture 'coda', which needs family 'diffusion', not {self.family!r}"
+            )
         if (self.hf_id is None) == (self.tiny is None):
             raise ConfigError(f"model {self.name!r} needs exactly one of hf_id or a tiny architecture")
 
@@ -107,7 +123,7 @@ class TrainingSpec:
     of the trained model's cache key.
     """
 
-    steps: int = 300
+    steps: int = 1000
     learning_rate: float = 3e-3
     batch_size: int = 8
     seed: int = 0
@@ -131,8 +147,10 @@ BUILTIN_MODELS: dict[str, ModelSpec] = {
     # run in the same dtype as the quantized models it is compared with.
     "tiny-ar": ModelSpec(name="tiny-ar", family="ar", tiny=TinyArchitecture(), dtype="bfloat16"),
     "tiny-diffusion": ModelSpec(name="tiny-diffusion", family="diffusion", tiny=TinyArchitecture(), dtype="bfloat16"),
+    # Both real models take CoDA's published instruct prompts (tasks.benchmarks), so the pair is
+    # compared on identical inputs.
     "qwen3-1.7b": ModelSpec(
-        name="qwen3-1.7b", family="ar", hf_id="Qwen/Qwen3-1.7B", dtype="bfloat16", prompt_style="chat"
+        name="qwen3-1.7b", family="ar", hf_id="Qwen/Qwen3-1.7B", dtype="bfloat16", prompt_style="coda-instruct"
     ),
     "coda-1.7b": ModelSpec(
         name="coda-1.7b",
@@ -140,7 +158,8 @@ BUILTIN_MODELS: dict[str, ModelSpec] = {
         hf_id="Salesforce/CoDA-v0-Instruct",
         mask_token_id=151669,
         dtype="bfloat16",
-        prompt_style="chat",
+        prompt_style="coda-instruct",
+        architecture="coda",
     ),
 }
 
@@ -228,8 +247,10 @@ class GenerationSpec:
     alg_temp: float | None = None
     eps: float = 1e-3
     block_length: int | None = None
+    weights: str = "kernel"
 
     def __post_init__(self) -> None:
+        _choice(self.weights, WEIGHT_MODES, "weights mode")
         _positive(self.max_new_tokens, "max_new_tokens")
         _positive(self.n_samples, "n_samples")
         _positive(self.temperature, "temperature", allow_zero=True)
@@ -272,6 +293,37 @@ class SandboxSpec:
         _positive(self.timeout_s, "sandbox timeout_s")
 
 
+GPU_STAGES = ("hessian", "quantize", "generate")
+
+
+@dataclass(frozen=True)
+class ScaleSpec:
+    """What each stage asks of a Ray cluster (`qrobust run --runner ray`); other runners ignore it.
+
+    The GPU stages (hessian, quantize, generate) each load a model. `*_gpus` is the share of
+    GPUs one run of that stage reserves: 1 = a GPU of its own (one model per GPU), 0.5 = two
+    models share a GPU, 2 = two GPUs, 0 = no GPU (it runs on CPU). `worker_retries` is how many
+    times Ray reruns a stage whose worker process died (a lost node, an OOM kill).
+    """
+
+    hessian_gpus: float = 1
+    quantize_gpus: float = 1
+    generate_gpus: float = 1
+    worker_retries: int = 2
+
+    def __post_init__(self) -> None:
+        for stage in GPU_STAGES:
+            gpus = _positive(getattr(self, f"{stage}_gpus"), f"scale {stage}_gpus", allow_zero=True)
+            if gpus > 1 and gpus != int(gpus):
+                raise ConfigError(f"scale {stage}_gpus {gpus!r} must be a whole number when above 1")
+        retries = self.worker_retries
+        if not isinstance(retries, int) or isinstance(retries, bool) or retries < 0:
+            raise ConfigError(f"scale worker_retries must be a whole number >= 0, got {retries!r}")
+
+    def gpus(self, stage: str) -> float:
+        return getattr(self, f"{stage}_gpus") if stage in GPU_STAGES else 0
+
+
 @dataclass(frozen=True)
 class PairSpec:
     """A diffusion model and the AR model it is compared with."""
@@ -282,6 +334,9 @@ class PairSpec:
 
 @dataclass(frozen=True)
 class GridConfig:
+    """A parsed grid. `generation` is the grid's own table; `model_generation` holds, for each
+    model whose entry has a `generation` table, that table merged over the grid's."""
+
     name: str
     models: tuple[ModelSpec, ...]
     methods: tuple[MethodSpec, ...]
@@ -290,10 +345,16 @@ class GridConfig:
     generation: GenerationSpec = field(default_factory=GenerationSpec)
     calibration: CalibrationSpec = field(default_factory=CalibrationSpec)
     sandbox: SandboxSpec = field(default_factory=SandboxSpec)
+    model_generation: tuple[tuple[str, GenerationSpec], ...] = ()
+    scale: ScaleSpec = field(default_factory=ScaleSpec)
+
+    def generation_for(self, model: ModelSpec) -> GenerationSpec:
+        """The settings `model` generates with: its own table if it has one, else the grid's."""
+        return dict(self.model_generation).get(model.name, self.generation)
 
     def cells(self) -> list["Cell"]:
         return [
-            Cell(model=m, method=q, benchmark=b, generation=self.generation, calibration=self.calibration)
+            Cell(model=m, method=q, benchmark=b, generation=self.generation_for(m), calibration=self.calibration)
             for m in self.models
             for q in self.methods
             for b in self.benchmarks
@@ -334,6 +395,17 @@ def _build(cls: type, raw: dict, what: str, **extra: Any) -> Any:
         return cls(**values)
     except TypeError as exc:  # a missing required key
         raise ConfigError(f"{what}: {exc}") from None
+
+
+def _split_model_generation(raw: Any) -> tuple[Any, dict | None]:
+    """A model entry without its `generation` table, and that table (None if absent)."""
+    if not isinstance(raw, dict) or "generation" not in raw:
+        return raw, None
+    raw = dict(raw)
+    overrides = raw.pop("generation")
+    if not isinstance(overrides, dict):
+        raise ConfigError(f"generation of model {raw.get('name')!r} must be a table, got {overrides!r}")
+    return raw, overrides
 
 
 def _parse_model(raw: Any) -> ModelSpec:
@@ -388,14 +460,15 @@ def parse_grid(text: str, name: str = "grid") -> GridConfig:
         raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"malformed grid TOML: {exc}") from None
-    allowed = {"name", "models", "methods", "benchmarks", "pairs", "generation", "calibration", "sandbox"}
+    allowed = {"name", "models", "methods", "benchmarks", "pairs", "generation", "calibration", "sandbox", "scale"}
     unknown = sorted(set(raw) - allowed)
     if unknown:
         raise ConfigError(f"unknown key {unknown[0]!r} in grid; allowed: {', '.join(sorted(allowed))}")
     for key in ("models", "methods", "benchmarks"):
         if not raw.get(key):
             raise ConfigError(f"grid has no {key}; add at least one [[{key}]] entry")
-    models = tuple(_parse_model(m) for m in raw["models"])
+    entries = [_split_model_generation(m) for m in raw["models"]]
+    models = tuple(_parse_model(entry) for entry, _ in entries)
     methods = tuple(m for entry in raw["methods"] for m in _parse_methods(entry))
     benchmarks = tuple(_build(BenchmarkSpec, b, "benchmark") for b in raw["benchmarks"])
     pairs = tuple(_build(PairSpec, p, "pair") for p in raw.get("pairs", []))
@@ -405,8 +478,16 @@ def parse_grid(text: str, name: str = "grid") -> GridConfig:
             member = getattr(pair, role)
             if model_families.get(member) != family:
                 raise ConfigError(f"pair member {member!r} must be a {family} model of this grid")
-    generation = _build(GenerationSpec, raw.get("generation", {}), "generation")
-    _check_training_matches_generation(models, generation)
+    grid_generation = raw.get("generation", {})
+    generation = _build(GenerationSpec, grid_generation, "generation")
+    model_generation = tuple(
+        (model.name, _build(GenerationSpec, {**grid_generation, **overrides}, f"model {model.name!r} generation"))
+        for model, (_, overrides) in zip(models, entries)
+        if overrides is not None
+    )
+    _unique(models, "model", key=lambda m: m.name)
+    for model in models:
+        _check_training_matches_generation(model, dict(model_generation).get(model.name, generation))
     return GridConfig(
         name=raw.get("name", name),
         models=models,
@@ -416,25 +497,26 @@ def parse_grid(text: str, name: str = "grid") -> GridConfig:
         generation=generation,
         calibration=_build(CalibrationSpec, raw.get("calibration", {}), "calibration"),
         sandbox=_build(SandboxSpec, raw.get("sandbox", {}), "sandbox"),
+        model_generation=model_generation,
+        scale=_build(ScaleSpec, raw.get("scale", {}), "scale"),
     )
 
 
-def _check_training_matches_generation(models: tuple[ModelSpec, ...], generation: GenerationSpec) -> None:
+def _check_training_matches_generation(model: ModelSpec, generation: GenerationSpec) -> None:
     """A trained model fills exactly the answer region it was trained on."""
-    for model in models:
-        if model.training is not None and model.training.max_new_tokens != generation.max_new_tokens:
-            raise ConfigError(
-                f"model {model.name!r} training.max_new_tokens {model.training.max_new_tokens} differs from "
-                f"generation.max_new_tokens {generation.max_new_tokens}; set them equal"
-            )
+    if model.training is not None and model.training.max_new_tokens != generation.max_new_tokens:
+        raise ConfigError(
+            f"model {model.name!r} training.max_new_tokens {model.training.max_new_tokens} differs from "
+            f"its generation max_new_tokens {generation.max_new_tokens}; set them equal"
+        )
 
 
-def _unique(items: tuple, what: str) -> tuple:
-    seen: dict[str, Any] = {}
+def _unique(items: tuple, what: str, key=lambda item: item.label) -> tuple:
+    seen: set[str] = set()
     for item in items:
-        if item.label in seen:
-            raise ConfigError(f"duplicate {what} {item.label!r} in grid")
-        seen[item.label] = item
+        if key(item) in seen:
+            raise ConfigError(f"duplicate {what} {key(item)!r} in grid")
+        seen.add(key(item))
     return items
 
 

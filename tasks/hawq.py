@@ -71,7 +71,7 @@ def compute_layer_traces(model_manifest: dict, method: MethodSpec, calibration: 
 
     import torch
 
-    from tasks.hessian import activation_traces, hutchinson_traces
+    from tasks.hessian import activation_traces, fisher_traces, hutchinson_traces
     from tasks.models.loading import checkpoint_location, default_device
 
     from transformers import AutoModelForCausalLM
@@ -88,6 +88,8 @@ def compute_layer_traces(model_manifest: dict, method: MethodSpec, calibration: 
     if method.estimator == "hutchinson":
         traces = hutchinson_traces(model, loss_fn, batches, probes=method.probes,
                                    tolerance=method.trace_tolerance, seed=0)
+    elif method.estimator == "fisher":
+        traces = fisher_traces(model, loss_fn, batches)
     else:
         traces = activation_traces(model, batches, _forward_fn(diffusion, model_manifest["logits_shift"]))
     seconds = time.perf_counter() - started

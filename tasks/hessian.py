@@ -266,6 +266,41 @@ def hutchinson_traces(
     return {name: _layer_trace(name, linears[name].weight.numel(), values) for name, values in estimates.items()}
 
 
+def fisher_traces(model, loss_fn: Callable[[Any, Any], Any], batches: Sequence) -> dict[str, LayerTrace]:
+    """Traces of the empirical Fisher, E_x ||d loss(x) / dW_l||^2, per quantizable Linear.
+
+    The Fisher is the Gauss-Newton approximation of the loss Hessian: positive
+    semi-definite everywhere, where the Hessian itself is indefinite whenever the
+    calibration loss is not at a minimum (then Hutchinson traces come out negative and
+    say nothing about which layers matter). x runs over the rows of every batch (each
+    row's loss taken alone); the standard error is that of the mean over rows.
+    """
+    import torch
+
+    if not batches:
+        raise ValueError("batches is empty; need at least one calibration batch")
+    linears = quantizable_linears(model)
+    _require_float32(linears)
+    names = list(linears)
+    params = [linears[name].weight for name in names]
+    estimates: dict[str, list[float]] = {name: [] for name in names}
+    with _eval_mode(model), _only_these_require_grad(model, params), torch.enable_grad():
+        for batch in batches:
+            for row in _rows_of(batch):
+                grads = torch.autograd.grad(loss_fn(model, row), params, allow_unused=True)
+                for name, grad in zip(names, grads):
+                    estimates[name].append(0.0 if grad is None else float(grad.pow(2).sum()))
+    return {name: _layer_trace(name, linears[name].weight.numel(), values) for name, values in estimates.items()}
+
+
+def _rows_of(batch) -> list:
+    """Single-row batches of a dict-of-tensors batch (other batch types: one row each)."""
+    if not isinstance(batch, dict):
+        return [batch]
+    size = next(iter(batch.values())).shape[0]
+    return [{key: value[index : index + 1] for key, value in batch.items()} for index in range(size)]
+
+
 def _layer_trace(name: str, n_params: int, values: Sequence[float]) -> LayerTrace:
     mean, stderr = mean_and_stderr(values)
     return LayerTrace(name=name, n_params=n_params, trace_mean=mean, trace_stderr=stderr, probes=len(values))

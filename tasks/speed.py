@@ -559,26 +559,32 @@ def sampler_settings(settings: BenchSettings, steps: int):
 
 def measure_diffusion(model, shape: ModelShape, batch: int, settings: BenchSettings, device: str,
                       mask_token_id: int) -> dict:
-    """Forward time at the full answer window, and seconds per denoising step of the
-    pipeline's sampler over `measured_steps` steps, extrapolated to the study's steps."""
+    """Forward time at the full window (`diffusion_logits`) and as the sampler runs it
+    (`diffusion_logits_at`, lm_head on the answer only), and seconds per denoising step of
+    the pipeline's sampler over `measured_steps` steps, extrapolated to the study's steps."""
     import torch
 
     from tasks.generate.diffusion import diffusion_generate
     from tasks.generate.measure import measure
-    from tasks.models.diffusion import diffusion_logits
+    from tasks.models.diffusion import diffusion_logits, diffusion_logits_at
 
     prompt = random_prompt(batch, settings.prompt_tokens, min(shape.vocab, mask_token_id), device)
     prompt_mask = torch.ones_like(prompt)
     window = torch.cat([prompt, prompt.new_full((batch, settings.answer_tokens), mask_token_id)], dim=1)
     window_mask = torch.ones_like(window)
-    logits_fn = lambda ids, mask: diffusion_logits(model, ids, mask)  # noqa: E731
+    answer = torch.arange(settings.prompt_tokens, window.shape[1], device=device).expand(batch, -1)
+    logits_at = lambda ids, mask, positions: diffusion_logits_at(model, ids, mask, positions)  # noqa: E731
     with torch.no_grad(), measure(device) as forward_block:
-        forward_s = time_calls(lambda: logits_fn(window, window_mask), device, warmup=1, repeats=settings.repeats)
+        forward_s = time_calls(lambda: diffusion_logits(model, window, window_mask), device, warmup=1,
+                               repeats=settings.repeats)
+    with torch.no_grad(), measure(device) as answer_block:
+        answer_forward_s = time_calls(lambda: logits_at(window, window_mask, answer), device, warmup=1,
+                                      repeats=settings.repeats)
     generator = torch.Generator(device=device).manual_seed(3)
 
     def sample(steps: int):
-        return diffusion_generate(logits_fn, prompt, prompt_mask, sampler_settings(settings, steps),
-                                  mask_token_id, generator, return_stats=True)
+        return diffusion_generate(logits_at, prompt, prompt_mask, sampler_settings(settings, steps),
+                                  mask_token_id, generator, return_stats=True, logits_at_positions=True)
 
     step_s, peak = [], 0
     with torch.no_grad():
@@ -590,6 +596,7 @@ def measure_diffusion(model, shape: ModelShape, batch: int, settings: BenchSetti
             peak = max(peak, run.peak_bytes)
     seq_len = settings.prompt_tokens + settings.answer_tokens
     flops = forward_flops(shape, batch, seq_len, causal=False)
+    answer_flops = forward_flops(shape, batch, seq_len, causal=False, logit_positions=settings.answer_tokens)
     passes = diffusion_forward_passes(settings.answer_tokens, settings.diffusion_steps, settings.alg)
     answer_s = statistics.median(step_s) * passes
     return {
@@ -597,6 +604,11 @@ def measure_diffusion(model, shape: ModelShape, batch: int, settings: BenchSetti
         "forward_flops": flops,
         "forward_tflops": flops / statistics.median(forward_s) / 1e12,
         "forward_peak_bytes": forward_block.peak_bytes,
+        "answer_forward_s": statistics.median(answer_forward_s),
+        "answer_forward_flops": answer_flops,
+        "answer_forward_tflops": answer_flops / statistics.median(answer_forward_s) / 1e12,
+        "answer_forward_peak_bytes": answer_block.peak_bytes,
+        "bidirectional_unpadded": unpadded_attention_is_bidirectional(model, shape, mask_token_id, device),
         "step_s": statistics.median(step_s),
         "measured_steps": settings.measured_steps,
         "study_forward_passes": passes,
@@ -604,6 +616,17 @@ def measure_diffusion(model, shape: ModelShape, batch: int, settings: BenchSetti
         "answer_tokens_per_s": batch * settings.answer_tokens / answer_s,
         "peak_bytes": peak,
     }
+
+
+def unpadded_attention_is_bidirectional(model, shape: ModelShape, mask_token_id: int, device: str) -> bool:
+    """Whether the timed forwards (unpadded: no mask, the module flags decide) really were
+    bidirectional with this model, kernels and transformers version."""
+    import torch
+
+    from tasks.models.diffusion import attention_is_bidirectional
+
+    probe = random_prompt(2, 16, min(shape.vocab, mask_token_id), device, seed=7)
+    return attention_is_bidirectional(model, probe, torch.ones_like(probe), atol=1e-3)
 
 
 # --------------------------------------------------------------------------- GPTQ and Hessian time
@@ -925,7 +948,7 @@ def summarize(results: dict, shape: ModelShape, settings: BenchSettings) -> dict
             floor = bandwidth_floor_seconds(record["checkpoint_bytes"], card["copy_bytes_per_s"])
             summary["decode_floor"][key] = {"floor_s": floor, "ratio": record["decode_best_s"] / floor}
         elif kind == "diffusion":
-            summary["diffusion_rate"][key] = {"fraction_of_matmul": record["forward_tflops"] / card["matmul_tflops"]}
+            summary["diffusion_rate"][key] = diffusion_rates(record, card["matmul_tflops"])
     for model_name in (AR_MODEL, DIFFUSION_MODEL):
         points = [records.get(f"gptq/{model_name}/L{layers}") for layers in settings.gptq_layers]
         if all(p and "error" not in p for p in points):
@@ -941,6 +964,17 @@ def summarize(results: dict, shape: ModelShape, settings: BenchSettings) -> dict
     return summary
 
 
+def diffusion_rates(record: dict, matmul_tflops: float) -> dict:
+    """Forward rates as fractions of the card's matmul rate: the full-window forward, and the
+    forward the sampler runs (lm_head on the answer only) where it was measured; `target` is
+    the sampler's where present."""
+    rates = {"fraction_of_matmul": record["forward_tflops"] / matmul_tflops}
+    if record.get("answer_forward_tflops"):
+        rates["answer_fraction_of_matmul"] = record["answer_forward_tflops"] / matmul_tflops
+    rates["target"] = rates.get("answer_fraction_of_matmul", rates["fraction_of_matmul"])
+    return rates
+
+
 def render_markdown(results: dict, shape: ModelShape, settings: BenchSettings, command: str) -> str:
     summary = summarize(results, shape, settings)
     records = results["records"]
@@ -949,6 +983,7 @@ def render_markdown(results: dict, shape: ModelShape, settings: BenchSettings, c
     lines += _formats_section(records)
     lines += _ar_section(records, summary)
     lines += _diffusion_section(records, summary, settings)
+    lines += _before_after_section(results.get("before", {}), records, results["runs"])
     lines += _targets_section(records, summary)
     lines += _relative_section(records)
     lines += _one_off_section(records, summary, settings, shape)
@@ -1021,19 +1056,58 @@ def _diffusion_section(records: dict, summary: dict, settings: BenchSettings) ->
              f"Steps were timed over {settings.measured_steps} steps of the pipeline's `diffusion_generate` "
              f"(median of {settings.repeats} runs) and multiplied by the forward passes of the study's "
              f"{settings.diffusion_steps}-step schedule: answer seconds are **extrapolated**, not run in full. "
-             "Forward: `diffusion_logits` alone at the full window.", "",
-             "| format | batch | forward ms | forward TFLOP/s | % of matmul | step ms | answer s (extrap.) "
-             "| answer tok/s | forward peak GB | step peak GB |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "Full forward: `diffusion_logits` at the whole window (logits at every position). Sampler forward: "
+             "`diffusion_logits_at` as the sampler runs it (lm_head on the answer window only); its TFLOP/s count "
+             "only those logits. Records without sampler-forward figures predate it (see their run).", "",
+             "| format | batch | run | full forward ms | % of matmul | sampler forward ms | % of matmul | step ms "
+             "| answer s (extrap.) | answer tok/s | full forward peak GB | sampler forward peak GB | step peak GB |",
+             "| --- " * 13 + "|"]
     for key, r in records.items():
         if not key.startswith("diffusion/") or "error" in r:
             continue
-        fraction = summary["diffusion_rate"][key]["fraction_of_matmul"]
-        lines.append(f"| {r['format']} | {_batch(key)} | {_ms(r['forward_s'])} | {r['forward_tflops']:.0f} | "
-                     f"{100 * fraction:.0f}% | {_ms(r['step_s'])} | {r['answer_s_extrapolated']:.1f} | "
+        rates = summary["diffusion_rate"][key]
+        answer_rate = rates.get("answer_fraction_of_matmul")
+        lines.append(f"| {r['format']} | {_batch(key)} | {r['run']} | {_ms(r['forward_s'])} | "
+                     f"{_percent(rates['fraction_of_matmul'])} | {_ms(r.get('answer_forward_s'))} | "
+                     f"{_percent(answer_rate)} | {_ms(r['step_s'])} | {r['answer_s_extrapolated']:.1f} | "
                      f"{r['answer_tokens_per_s']:.1f} | {_net_gb(r, 'forward_peak_bytes')} | "
-                     f"{_net_gb(r, 'peak_bytes')} |")
+                     f"{_net_gb(r, 'answer_forward_peak_bytes')} | {_net_gb(r, 'peak_bytes')} |")
     return lines + [""]
+
+
+BEFORE_AFTER_METRICS = (("forward_s", "full forward ms", 1e3), ("answer_forward_s", "sampler forward ms", 1e3),
+                        ("step_s", "step ms", 1e3), ("peak_bytes", "step peak GB", 1e-9))
+
+
+def _before_after_section(before: dict, records: dict, runs: list[dict]) -> list[str]:
+    """Diffusion figures measured before the sampler changes (kept under "before") beside
+    the same configurations measured again; the sampler forward did not exist before, so
+    its before is the full forward the sampler then ran."""
+    rows = []
+    for key, old in before.items():
+        new = records.get(key)
+        if not new or "error" in new:
+            continue
+        for field, label, scale in BEFORE_AFTER_METRICS:
+            old_value = old.get(field, old["forward_s"] if field == "answer_forward_s" else None)
+            old_value = old_value - old.get("baseline_bytes", 0) if field == "peak_bytes" else old_value
+            new_value = new[field] - new.get("baseline_bytes", 0) if field == "peak_bytes" else new.get(field)
+            if old_value and new_value:
+                rows.append(f"| {key} | {label} | {old_value * scale:.2f} (run {old['run']}) | "
+                            f"{new_value * scale:.2f} (run {new['run']}) | {old_value / new_value:.2f}x |")
+    if not rows:
+        return []
+    devices = sorted({runs[r["run"]]["device"] for r in (*before.values(), *records.values()) if "run" in r})
+    return [f"## {DIFFUSION_MODEL}: before and after the sampler changes", "",
+            "Before: the sampler took full-window logits from `diffusion_logits` (explicit 4-D mask) and scored "
+            "every answer position over the whole vocabulary in float32. After: logits only at the positions "
+            "still masked (`diffusion_logits_at`), no mask when nothing is padded, scoring in chunks and on the "
+            f"top-p candidates. Cards: {', '.join(devices)}. Change: before / after (above 1 is better).", "",
+            "| configuration | metric | before | after | change |", "| --- | --- | --- | --- | --- |", *rows, ""]
+
+
+def _percent(fraction: float | None) -> str:
+    return "-" if fraction is None else f"{100 * fraction:.0f}%"
 
 
 def _targets_section(records: dict, summary: dict) -> list[str]:
@@ -1041,8 +1115,9 @@ def _targets_section(records: dict, summary: dict) -> list[str]:
     lines = ["## Targets", "", "| target | configuration | measured | goal | met |", "| --- | --- | --- | --- | --- |"]
     for key, value in summary["diffusion_rate"].items():
         if key.endswith(largest):
-            lines.append(f"| diffusion forward rate | {key} | {100 * value['fraction_of_matmul']:.0f}% of matmul "
-                         f"| >= 50% | {_yes(value['fraction_of_matmul'] >= 0.5)} |")
+            which = "sampler forward" if "answer_fraction_of_matmul" in value else "full forward"
+            lines.append(f"| diffusion forward rate ({which}) | {key} | {100 * value['target']:.0f}% of matmul "
+                         f"| >= 50% | {_yes(value['target'] >= 0.5)} |")
     for key, value in summary["decode_floor"].items():
         if key.endswith("/b1"):
             lines.append(f"| AR decode vs its own bandwidth floor | {key} | {value['ratio']:.2f}x | <= 3x | "
@@ -1059,7 +1134,7 @@ def _relative_section(records: dict) -> list[str]:
     formats = sorted({r["format"] for r in records.values() if "format" in r} - {"bf16"})
     header = " | ".join(label for *_, label in RELATIVE_COLUMNS)
     lines = ["## Against bf16", "", "Speed relative to bf16 (bf16 time / this format's time; above 1 is faster) "
-             "and checkpoint size relative to bf16.", "",
+             "and checkpoint size relative to bf16; '-' where the two were measured with different samplers.", "",
              f"| format | checkpoint | {header} |", "| --- " * (len(RELATIVE_COLUMNS) + 2) + "|"]
     for name in formats:
         cells = [_relative(records, kind, batch, metric, name) for kind, batch, metric, _ in RELATIVE_COLUMNS]
@@ -1071,7 +1146,14 @@ def _relative_section(records: dict) -> list[str]:
 def _relative(records: dict, kind: str, batch: int, metric: str, name: str) -> str:
     model_name = AR_MODEL if kind == "ar" else DIFFUSION_MODEL
     bf16, other = f"{kind}/{model_name}/bf16/b{batch}", f"{kind}/{model_name}/{name}/b{batch}"
+    if _sampler_era(records.get(bf16, {})) != _sampler_era(records.get(other, {})):
+        return "-"  # steps of two different samplers
     return _ratio(records, bf16, other, metric, suffix="x")
+
+
+def _sampler_era(record: dict) -> bool:
+    """Whether a record was measured with the sampler that reads logits only where it scores."""
+    return "answer_forward_s" in record
 
 
 def _ratio(records: dict, numerator: str, denominator: str, field: str, suffix: str = "") -> str:

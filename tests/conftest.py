@@ -43,7 +43,21 @@ def tiny_grid():
 
 @pytest.fixture(scope="session")
 def tiny_models(tiny_grid, shared_workspace):
-    """Base checkpoints of tiny-ar and tiny-diffusion, by name."""
+    """Base (untrained) checkpoints of tiny-ar and tiny-diffusion, by name.
+
+    The grid trains its tiny models for minutes; stage tests need only the architecture, so
+    the training is dropped here (tests/tasks/test_training.py covers training)."""
+    import dataclasses
+
     from tasks.models.loading import prepare_model
 
-    return {m.name: prepare_model(m, shared_workspace) for m in tiny_grid.models}
+    return {m.name: prepare_model(dataclasses.replace(m, training=None), shared_workspace) for m in tiny_grid.models}
+
+
+@pytest.fixture(scope="session")
+def stdlib_calibration(tiny_grid):
+    """The tiny grid's calibration settings on the standard library's source: the stage
+    tests use untrained tiny models, which have no training set to calibrate on."""
+    import dataclasses
+
+    return dataclasses.replace(tiny_grid.calibration, source="stdlib")

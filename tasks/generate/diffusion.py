@@ -10,6 +10,15 @@ measure (`alg`).
 
 `logits_fn(input_ids, attention_mask) -> logits [B, L, V]` must already return logits
 aligned so that position i scores token i (see `tasks.models.diffusion.diffusion_logits`).
+With `logits_at_positions=True` it is called as `logits_fn(input_ids, attention_mask,
+positions)` and returns those logits only at `positions` [B, K], as [B, K, V] (see
+`tasks.models.diffusion.diffusion_logits_at`): a step scores only the answer positions
+still masked, so the rest of the sequence never needs its logits.
+
+Scoring works on rows of at most `SCORING_CHUNK_ELEMENTS` logits at a time, so that the
+float32 copies it needs stay small beside the model. When sampling with top-p and each
+row's nucleus lies among its `NUCLEUS_CANDIDATES` most probable tokens (the usual case),
+the draw and the confidence are computed on those candidates alone.
 """
 
 from __future__ import annotations
@@ -21,6 +30,9 @@ import torch
 import torch.nn.functional as F
 
 ALGORITHMS = ("origin", "maskgit_plus", "topk_margin", "entropy")
+NUCLEUS_CANDIDATES = 256
+# 2**28 float32 values: 1 GiB per full-vocabulary copy, i.e. 1766 positions at 151936 tokens
+SCORING_CHUNK_ELEMENTS = 1 << 28
 REMASKING = ("low_confidence", "random")
 
 
@@ -181,7 +193,7 @@ def denoising_schedule(settings: DiffusionSamplerSettings) -> list[DenoisingStep
     ]
 
 
-LogitsFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+LogitsFn = Callable[..., torch.Tensor]
 
 
 def diffusion_generate(
@@ -192,12 +204,15 @@ def diffusion_generate(
     mask_token_id: int,
     generator: torch.Generator,
     return_stats: bool = False,
+    *,
+    logits_at_positions: bool = False,
 ) -> torch.Tensor | tuple[torch.Tensor, DiffusionGenerationStats]:
     """Denoise `max_new_tokens` mask tokens appended to each prompt; returns the answer
     tokens, LongTensor [B, max_new_tokens] (and the stats if `return_stats`).
 
     Prompts are usually left padded; `diffusion_logits` makes pads invisible, so a row's
     answer does not depend on its padding or on the other rows when sampling is greedy.
+    Both forms of `logits_fn` (see the module's doc) give the same answers, sampled ones too.
 
     `generator` must live on the prompt's device (random draws are as large as the logits).
     It is not used at all when sampling is greedy, `alg` is not `origin`, `alg_temp` is
@@ -215,27 +230,63 @@ def diffusion_generate(
     still_masked = torch.ones((batch, n), dtype=torch.bool, device=prompt_ids.device)
     commit_step = torch.full((batch, n), -1, dtype=torch.long, device=prompt_ids.device)
     schedule = denoising_schedule(settings)
+    masked_counts = masked_counts_before_each_step(schedule)
+    rows = torch.arange(batch, device=prompt_ids.device)[:, None]
     forward_passes = 0
-    for step_index, step in enumerate(schedule):
+    for step_index, (step, masked_count) in enumerate(zip(schedule, masked_counts)):
         if step.transfer_prob is None and step.commit_count == 0:
             continue
-        logits = logits_fn(ids, attention_mask)
-        forward_passes += 1
         window = slice(prompt_length + step.start, prompt_length + step.end)
         window_masked = still_masked[:, step.start:step.end]
-        commit, tokens = _denoise_window(
-            logits[:, window], window_masked, step, settings, mask_token_id, generator
+        scored = _positions_to_score(window_masked, masked_count)
+        sequence_positions = scored + prompt_length + step.start
+        if logits_at_positions:
+            logits = logits_fn(ids, attention_mask, sequence_positions)
+        else:
+            logits = logits_fn(ids, attention_mask)[rows, sequence_positions]
+        forward_passes += 1
+        commit, tokens = _denoise_positions(
+            logits, window_masked.gather(1, scored), step, settings, mask_token_id, generator
         )
-        ids[:, window] = torch.where(commit, tokens, ids[:, window])
-        window_masked &= ~commit
-        commit_step[:, step.start:step.end].masked_fill_(commit, step_index)
+        window_commit = torch.zeros_like(window_masked).scatter(1, scored, commit)
+        window_tokens = ids[:, window].scatter(1, scored, tokens)
+        ids[:, window] = torch.where(window_commit, window_tokens, ids[:, window])
+        window_masked &= ~window_commit
+        commit_step[:, step.start:step.end].masked_fill_(window_commit, step_index)
     answer = ids[:, prompt_length:]
     if return_stats:
         return answer, DiffusionGenerationStats(len(schedule), forward_passes, commit_step)
     return answer
 
 
-def _denoise_window(
+def masked_counts_before_each_step(schedule: list[DenoisingStep]) -> list[int | None]:
+    """Per step, how many positions of its window every row still has masked, or None where
+    that varies by row (Dream's `origin` rule commits a random number)."""
+    counts, committed = [], {}
+    for step in schedule:
+        window = (step.start, step.end)
+        if step.transfer_prob is not None:
+            committed[window] = None
+        done = committed.get(window, 0)
+        counts.append(None if done is None else step.end - step.start - done)
+        if done is not None:
+            committed[window] = done + step.commit_count
+    return counts
+
+
+def _positions_to_score(window_masked: torch.Tensor, masked_count: int | None) -> torch.Tensor:
+    """LongTensor [B, K]: window positions worth scoring, in increasing order: the masked
+    ones when every row has `masked_count` of them (committed tokens never change), else all.
+    Sorting, rather than selecting, keeps the device from waiting on the host."""
+    batch, width = window_masked.shape
+    every = torch.arange(width, device=window_masked.device).expand(batch, width)
+    if masked_count is None or masked_count == width:
+        return every
+    unmasked_last = (~window_masked).to(torch.uint8)
+    return unmasked_last.argsort(dim=1, stable=True)[:, :masked_count]
+
+
+def _denoise_positions(
     logits: torch.Tensor,
     masked: torch.Tensor,
     step: DenoisingStep,
@@ -243,20 +294,98 @@ def _denoise_window(
     mask_token_id: int,
     generator: torch.Generator,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Draw tokens for a window of positions and choose which masked ones to commit."""
-    logits = logits.to(torch.float32, copy=True)
-    logits[..., mask_token_id] = float("-inf")
-    probs = token_probabilities(logits, settings.temperature, settings.top_p, settings.top_k)
-    token_prob, tokens = _sample_tokens(probs, settings.greedy, generator)
+    """Draw tokens for positions [B, K] and choose which masked ones to commit."""
+    needs_confidence = step.transfer_prob is None and settings.remasking == "low_confidence"
+    statistic = settings.alg if needs_confidence and settings.alg != "origin" else None
+    tokens, statistic_value = score_positions(logits, settings, mask_token_id, generator, statistic)
     if step.transfer_prob is not None:
         commit = masked & (_uniform(masked.shape, generator, masked.device) < step.transfer_prob)
         return commit, tokens
-    if settings.remasking == "random":
+    if statistic is None:
         confidence = _uniform(masked.shape, generator, masked.device)
     else:
-        confidence = _confidence(settings.alg, probs, token_prob, generator)
+        confidence = statistic_value
     commit = _tokens_to_commit(confidence, masked, step.commit_count, settings.alg_temp, generator)
     return commit, tokens
+
+
+def score_positions(
+    logits: torch.Tensor,
+    settings: DiffusionSamplerSettings,
+    mask_token_id: int,
+    generator: torch.Generator,
+    statistic: str | None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(drawn token, confidence `statistic` of its distribution or None), each [B, K], from
+    logits [B, K, V]; the mask token is never drawn. Rows are scored in chunks of at most
+    `SCORING_CHUNK_ELEMENTS` logits."""
+    batch, width, vocab = logits.shape
+    flat = logits.reshape(batch * width, vocab)
+    chunk_rows = max(1, SCORING_CHUNK_ELEMENTS // vocab)
+    tokens, statistics = [], []
+    for chunk in flat.split(chunk_rows):
+        chunk_tokens, chunk_statistic = _score_rows(chunk, settings, mask_token_id, generator, statistic)
+        tokens.append(chunk_tokens)
+        statistics.append(chunk_statistic)
+    shape = (batch, width)
+    statistic_value = torch.cat(statistics).reshape(shape) if statistic is not None else None
+    return torch.cat(tokens).reshape(shape), statistic_value
+
+
+def _score_rows(
+    logits: torch.Tensor,
+    settings: DiffusionSamplerSettings,
+    mask_token_id: int,
+    generator: torch.Generator,
+    statistic: str | None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """`score_positions` on rows [R, V]: one float32 copy of the logits, changed in place."""
+    scaled = logits.to(torch.float32, copy=True)
+    scaled[:, mask_token_id] = float("-inf")
+    if settings.temperature:
+        scaled.div_(settings.temperature)
+    if _nucleus_route_applies(settings, scaled.shape[-1]):
+        candidates = _nucleus_candidates(scaled, settings.top_p)
+        if candidates is not None:
+            return _score_candidates(*candidates, generator, statistic)
+    probs = token_probabilities(scaled, None, settings.top_p, settings.top_k)
+    del scaled
+    token_prob, tokens = _sample_tokens(probs, settings.greedy, generator)
+    return tokens, None if statistic is None else _confidence(statistic, probs, token_prob, generator)
+
+
+def _nucleus_route_applies(settings: DiffusionSamplerSettings, vocab: int) -> bool:
+    """Sampling with top-p alone over a vocabulary larger than the candidates. Greedy
+    sampling keeps the full route, whose argmax breaks ties by token id."""
+    return (not settings.greedy and settings.top_p is not None and settings.top_p < 1
+            and settings.top_k is None and vocab > NUCLEUS_CANDIDATES)
+
+
+def _nucleus_candidates(scaled: torch.Tensor, top_p: float) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(filtered logits [R, C], their tokens [R, C]) of the `NUCLEUS_CANDIDATES` most probable
+    tokens, outside the nucleus -inf, or None when some row's nucleus is larger. The same
+    nucleus as `top_p_filter`; costs one host synchronisation."""
+    values, order = scaled.topk(NUCLEUS_CANDIDATES, dim=-1)
+    cumulative = (values - scaled.logsumexp(dim=-1, keepdim=True)).exp().cumsum(dim=-1)
+    if not bool((cumulative[:, -1] >= top_p).all()):
+        return None
+    keep = F.pad(cumulative[:, :-1], (1, 0)) < top_p
+    return values.masked_fill(~keep, float("-inf")), order
+
+
+def _score_candidates(
+    filtered: torch.Tensor, order: torch.Tensor, generator: torch.Generator, statistic: str | None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Draw and confidence from candidate logits [R, C] sorted in decreasing order; tokens
+    outside them have probability 0, so entropy and margin are the full distribution's."""
+    probs = torch.softmax(filtered, dim=-1)
+    token_prob, choice = _sample_tokens(probs, greedy=False, generator=generator)
+    tokens = order.gather(-1, choice[:, None]).squeeze(-1)
+    if statistic is None:
+        return tokens, None
+    if statistic == "topk_margin":  # candidates are sorted, so the top two are the first two
+        return tokens, probs[:, 0] - probs[:, 1]
+    return tokens, _confidence(statistic, probs, token_prob, generator)
 
 
 def token_probabilities(
@@ -272,7 +401,7 @@ def token_probabilities(
     return torch.softmax(logits, dim=-1)
 
 
-def top_p_filter(logits: torch.Tensor, top_p: float, candidates: int = 256) -> torch.Tensor:
+def top_p_filter(logits: torch.Tensor, top_p: float, candidates: int = NUCLEUS_CANDIDATES) -> torch.Tensor:
     """Keep the smallest set of most probable tokens whose probability reaches `top_p`;
     the rest get -inf. A token is kept when the mass strictly before it is below top_p.
 

@@ -11,7 +11,14 @@ import json
 import time
 from pathlib import Path
 
-from tasks.benchmarks import Problem, benchmark_format, load_problems, postprocess, render_prompt
+from tasks.benchmarks import (
+    Problem,
+    benchmark_format,
+    load_problems,
+    postprocess,
+    render_generation_prefix,
+    render_prompt,
+)
 from tasks.config import Cell, GenerationSpec, config_hash
 from tasks.workspace import Workspace, read_manifest, write_manifest
 
@@ -52,10 +59,15 @@ def chat_prompt(tokenizer, text: str) -> str:
 
 
 def prompts_for(problems: list[Problem], cell: Cell, tokenizer) -> list[str]:
+    """The full model input of each problem: the prompt, in the model's chat template where the
+    format uses one, followed by the format's generation prefix (which the answer continues)."""
     fmt = benchmark_format(cell.benchmark.name, cell.model.prompt_style)
-    texts = [render_prompt(p, fmt) for p in problems]
-    if fmt.style == "chat":
-        texts = [chat_prompt(tokenizer, t) for t in texts]
+    texts = []
+    for problem in problems:
+        text = render_prompt(problem, fmt)
+        if fmt.uses_chat_template:
+            text = chat_prompt(tokenizer, text)
+        texts.append(text + render_generation_prefix(problem, fmt))
     return texts
 
 
@@ -63,19 +75,21 @@ def diffusion_answers(model, tokenizer, prompts: list[str], generation: Generati
     import torch
 
     from tasks.generate.diffusion import diffusion_generate, truncate_at_stop
-    from tasks.models.diffusion import diffusion_logits
+    from tasks.models.diffusion import diffusion_logits_at
 
     shift = manifest["logits_shift"]
     encoded = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
     generator = torch.Generator(device=model.device).manual_seed(seed)
     with torch.inference_mode():
+        # the sampler asks only for the positions it scores: lm_head runs on those alone
         tokens = diffusion_generate(
-            lambda ids, mask: diffusion_logits(model, ids, mask, shift),
+            lambda ids, mask, positions: diffusion_logits_at(model, ids, mask, positions, shift),
             encoded["input_ids"],
             encoded["attention_mask"],
             sampler_settings(generation, shift),
             manifest["mask_token_id"],
             generator,
+            logits_at_positions=True,
         )
     stops = {tokenizer.eos_token_id, tokenizer.pad_token_id}
     answers = [truncate_at_stop(row, stops, mask_token_id=manifest["mask_token_id"]) for row in tokens]
@@ -102,7 +116,7 @@ def generate_shard(cell: Cell, checkpoint: dict, task_ids: tuple[str, ...], work
     from tasks.models.loading import default_device, load_model, load_tokenizer, model_parameter_bytes
 
     device = default_device()
-    model = load_model(checkpoint, device)
+    model = load_model(checkpoint, device, weights=cell.generation.weights)
     tokenizer = load_tokenizer(checkpoint)
     fmt = benchmark_format(cell.benchmark.name, cell.model.prompt_style)
     by_id = {p.task_id: p for p in load_problems(cell.benchmark)}

@@ -4,12 +4,18 @@ CoDA, Dream and LLaDA are decoder-only transformers run with bidirectional atten
 every position sees every non-pad position. Everything that runs such a model (the
 sampler, the calibration stage, the Hessian's loss, checks after a quantized reload)
 goes through `diffusion_logits`, so attention mode, position ids and the logits shift
-are decided once.
+are decided once. The sampler, which reads only the answer's logits, uses
+`diffusion_logits_at`: the same forward, with lm_head applied only at the positions asked
+for (at a 768-token answer and batch 32 the full-window logits alone are 9 GB of bf16).
 
 Why an explicit 4-D mask: setting `self_attn.is_causal = False` alone makes attention
 bidirectional only while no padding mask is passed; given a 2-D mask with a pad,
 transformers builds a causal+padding mask. A prepared 4-D mask is used as-is, and it
 also survives a reload (gptqmodel restores `is_causal = True` on reload).
+
+Why no mask at all when nothing is padded: sdpa cannot use its flash kernel with an
+explicit mask. With no mask, every attention module's `is_causal = False` (set again on
+every call, since a reload restores True) is what makes attention bidirectional.
 """
 
 from __future__ import annotations
@@ -89,19 +95,61 @@ def diffusion_logits(
     position i-1, i.e. the prediction for token i (see `shift_logits_right` for a row's
     first real token). LLaDA uses `logits_shift=False`.
     """
-    # Module flags only (harmless beside an explicit mask). The config flag is left to
-    # enable_bidirectional_attention, so that bidirectionality here rests on the 4-D mask
-    # alone and does not vary with the transformers version.
-    _mark_attention_modules_non_causal(model)
-    mask = bidirectional_attention_mask(attention_mask, _mask_dtype_for(model))
-    output = model(
-        input_ids=input_ids,
-        attention_mask=mask,
-        position_ids=position_ids_from_mask(attention_mask),
-        use_cache=False,
-    )
+    output = model(use_cache=False, **_bidirectional_inputs(model, input_ids, attention_mask))
     logits = output.logits if hasattr(output, "logits") else output[0]
     return shift_logits_right(logits, attention_mask) if logits_shift else logits
+
+
+def diffusion_logits_at(
+    model: torch.nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    positions: torch.Tensor,
+    logits_shift: bool = True,
+) -> torch.Tensor:
+    """`diffusion_logits(...)[b, positions[b]]` for each row b: logits [B, K, V] at the
+    positions [B, K] asked for, with lm_head applied there alone.
+
+    The backbone (`model.base_model`) runs on the whole sequence; lm_head
+    (`model.get_output_embeddings()`) sees only the hidden states the positions read, which,
+    with `logits_shift`, are those of each position's previous real token.
+    """
+    backbone, head = _backbone_and_head(model)
+    output = backbone(use_cache=False, **_bidirectional_inputs(model, input_ids, attention_mask))
+    hidden = output.last_hidden_state if hasattr(output, "last_hidden_state") else output[0]
+    sources = shift_source_positions(attention_mask).gather(1, positions) if logits_shift else positions
+    rows = torch.arange(hidden.shape[0], device=hidden.device)[:, None]
+    return head(hidden[rows, sources])
+
+
+def _backbone_and_head(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Module]:
+    backbone = getattr(model, "base_model", None)
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if backbone is None or backbone is model or head is None:
+        raise ValueError(f"{type(model).__name__} has no separate backbone and lm_head; use diffusion_logits")
+    return backbone, head
+
+
+def _bidirectional_inputs(
+    model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor
+) -> dict[str, torch.Tensor | None]:
+    """Forward keyword arguments that make attention bidirectional over the real tokens.
+
+    Under sdpa a batch without padding gets no mask, so that sdpa may choose its flash or
+    memory-efficient kernels; the non-causal module flags then decide (set on every call,
+    as a gptqmodel reload restores True). Eager attention ignores those flags and builds a
+    causal mask, so it, and any padded batch, gets the explicit 4-D mask. The config flag
+    is left to enable_bidirectional_attention, so that bidirectionality here does not vary
+    with the transformers version. Deciding costs one host synchronisation.
+    """
+    _mark_attention_modules_non_causal(model)
+    mask_dtype = _mask_dtype_for(model)
+    unpadded = mask_dtype == torch.bool and bool(attention_mask.bool().all())
+    return {
+        "input_ids": input_ids,
+        "attention_mask": None if unpadded else bidirectional_attention_mask(attention_mask, mask_dtype),
+        "position_ids": position_ids_from_mask(attention_mask),
+    }
 
 
 def shift_logits_right(logits: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -112,12 +160,17 @@ def shift_logits_right(logits: torch.Tensor, attention_mask: torch.Tensor) -> to
     real token keeps its own logits, as position 0 does in an unpadded row, and the first
     token after a run of pads looks past them.
     """
-    batch, length = attention_mask.shape
-    positions = torch.arange(length, device=logits.device)
+    rows = torch.arange(logits.shape[0], device=logits.device)[:, None]
+    return logits[rows, shift_source_positions(attention_mask)]
+
+
+def shift_source_positions(attention_mask: torch.Tensor) -> torch.Tensor:
+    """LongTensor [B, L]: the position whose logits `shift_logits_right` puts at each position
+    (the previous real position; a row's first real token, and pads before it, keep their own)."""
+    positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)
     real_positions = torch.where(attention_mask.bool(), positions, -1)
     previous_real = F.pad(real_positions.cummax(dim=1).values[:, :-1], (1, 0), value=-1)
-    source = torch.where(previous_real >= 0, previous_real, positions)
-    return logits[torch.arange(batch, device=logits.device)[:, None], source]
+    return torch.where(previous_real >= 0, previous_real, positions)
 
 
 def _mask_dtype_for(model: torch.nn.Module) -> torch.dtype:

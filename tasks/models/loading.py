@@ -14,7 +14,7 @@ import functools
 import os
 from pathlib import Path
 
-from tasks.config import ModelSpec, config_hash
+from tasks.config import ConfigError, ModelSpec, config_hash
 from tasks.workspace import Workspace, artifact_exists, directory_bytes, read_manifest, write_manifest
 
 QUIET_ENV = {
@@ -72,6 +72,10 @@ def prepare_model(spec: ModelSpec, workspace: Workspace) -> dict:
         "quantized": False,
         "key": model_key(spec),
     }
+    if spec.training is not None:
+        _check_trainable(spec)
+    if spec.architecture == "coda":
+        return _prepare_coda(spec, workspace, manifest)
     if spec.hf_id is not None:
         return {**manifest, "hf_id": spec.hf_id, "path": None}
     directory = workspace.artifact_dir("models", manifest["key"])
@@ -79,8 +83,54 @@ def prepare_model(spec: ModelSpec, workspace: Workspace) -> dict:
         from tasks.models.tiny import save_tiny
 
         with workspace.new_artifact("models", manifest["key"]) as scratch:
-            save_tiny(spec.tiny, scratch)
+            if spec.training is None:
+                save_tiny(spec.tiny, scratch)
+            else:
+                manifest["training"] = _save_trained_tiny(spec, scratch)
             write_manifest(scratch, _with_tokens(manifest, scratch))
+    return read_manifest(directory) | {"path": str(directory)}
+
+
+def _check_trainable(spec: ModelSpec) -> None:
+    """Training builds on the tiny Qwen3 builder and the completion-style prompts only."""
+    if spec.tiny is None or spec.architecture != "auto" or spec.prompt_style != "completion":
+        raise ConfigError(
+            f"model {spec.name!r}: training applies only to tiny models with architecture 'auto' and prompt_style 'completion'"
+        )
+
+
+def _save_trained_tiny(spec: ModelSpec, directory: Path) -> dict:
+    """Build the base checkpoint inside `directory`, train it into `directory`, drop the base."""
+    import shutil
+
+    from tasks.models.tiny import save_tiny
+    from tasks.training import train_tiny_model, training_problems
+
+    base = directory / "base"
+    save_tiny(spec.tiny, base)
+    stats = train_tiny_model(
+        base, spec.family, spec.training, training_problems(spec.training), spec.training.max_new_tokens,
+        spec.mask_token_id, directory, logits_shift=spec.logits_shift,
+    )
+    shutil.rmtree(base)
+    return stats
+
+
+def _prepare_coda(spec: ModelSpec, workspace: Workspace, manifest: dict) -> dict:
+    """A CoDA checkpoint (the hub's, or a tiny one written in CoDA's format) converted once into
+    a Qwen3 checkpoint in the workspace, which every later stage loads (tasks.models.coda)."""
+    directory = workspace.artifact_dir("models", manifest["key"])
+    if not (directory / "manifest.json").exists():
+        import tempfile
+
+        from tasks.models.coda import convert_coda_checkpoint, write_tiny_coda_checkpoint
+
+        with workspace.new_artifact("models", manifest["key"]) as scratch, tempfile.TemporaryDirectory() as tiny:
+            source = spec.hf_id or write_tiny_coda_checkpoint(Path(tiny), spec.tiny)
+            name = spec.hf_id or f"tiny CoDA-format checkpoint, seed {spec.tiny.init_seed}"
+            marker = convert_coda_checkpoint(source, scratch, spec.dtype, spec.mask_token_id, source_name=name)
+            converted = {**manifest, "mask_token_id": marker["mask_token_id"], "qrobust": marker}
+            write_manifest(scratch, _with_tokens(converted, scratch))
     return read_manifest(directory) | {"path": str(directory)}
 
 
@@ -117,8 +167,12 @@ def load_tokenizer(manifest: dict):
 
 
 @functools.lru_cache(maxsize=1)
-def _load_cached(location: str, quantized: bool, dtype: str, device: str, trust_remote_code: bool):
+def _load_cached(location: str, quantized: bool, dtype: str, device: str, trust_remote_code: bool, weights: str):
     set_library_environment()
+    if quantized and weights == "dequantized":
+        from tasks.models.dequantize import dequantized_model
+
+        return dequantized_model({"path": location, "quantized": True, "dtype": dtype}, device)
     if quantized:
         with library_output_to(Path(location).parent / f"{Path(location).name}.load.log"):
             from gptqmodel import GPTQModel
@@ -134,8 +188,17 @@ def _load_cached(location: str, quantized: bool, dtype: str, device: str, trust_
     return model.eval()
 
 
-def load_model(manifest: dict, device: str | None = None):
-    """The model a manifest points to, on `device` (default: CUDA when present)."""
+def load_model(manifest: dict, device: str | None = None, weights: str = "kernel"):
+    """The model a manifest points to, on `device` (default: CUDA when present).
+
+    A quantized checkpoint runs on gptqmodel's kernels (`weights="kernel"`, the speed path) or
+    as plain linear layers holding its dequantized weights (`"dequantized"`, the accuracy path:
+    the same values, at full-precision speed; see tasks.models.dequantize).
+    """
+    from tasks.config import WEIGHT_MODES
+
+    if weights not in WEIGHT_MODES:
+        raise ValueError(f"unknown weights mode {weights!r}; allowed: {', '.join(WEIGHT_MODES)}")
     if not manifest.get("hf_id") and not artifact_exists(manifest):
         raise FileNotFoundError(f"checkpoint {manifest.get('path')!r} is missing from the workspace")
     device = device or default_device()
@@ -145,6 +208,7 @@ def load_model(manifest: dict, device: str | None = None):
         manifest.get("dtype", "float32"),
         device,
         bool(manifest.get("trust_remote_code")),
+        weights,
     )
 
 

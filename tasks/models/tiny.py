@@ -17,6 +17,15 @@ PAD_TOKEN = "<|endoftext|>"
 EOS_TOKEN = "<|im_end|>"
 MASK_TOKEN = "<|mask|>"
 SPECIAL_TOKENS = (PAD_TOKEN, EOS_TOKEN, MASK_TOKEN)
+# ChatML, the layout of Qwen's and CoDA's chat templates, so that the chat prompt styles run on
+# tiny models too. "<|im_start|>" stays ordinary text: making it a special token would grow the
+# vocabulary and change every tiny model built before.
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
 
 
 def tokenizer_corpus() -> list[str]:
@@ -45,13 +54,15 @@ def build_tokenizer(vocab_size: int):
         show_progress=False,
     )
     bpe.train_from_iterator(tokenizer_corpus(), trainer)
-    return PreTrainedTokenizerFast(
+    tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=bpe,
         pad_token=PAD_TOKEN,
         eos_token=EOS_TOKEN,
         mask_token=MASK_TOKEN,
         padding_side="left",
     )
+    tokenizer.chat_template = CHAT_TEMPLATE
+    return tokenizer
 
 
 def build_tiny_model(arch: TinyArchitecture, tokenizer):

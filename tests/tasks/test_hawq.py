@@ -6,10 +6,10 @@ from tasks.quantize import average_bits, quantize_model, quantized_module_bits
 
 
 @pytest.fixture(scope="module")
-def calibrations(tiny_grid, tiny_models, shared_workspace):
+def calibrations(stdlib_calibration, tiny_models, shared_workspace):
     from tasks.calibration import build_calibration
 
-    return {name: build_calibration(tiny_grid.calibration, m, shared_workspace) for name, m in tiny_models.items()}
+    return {name: build_calibration(stdlib_calibration, m, shared_workspace) for name, m in tiny_models.items()}
 
 
 @pytest.mark.parametrize("model", ["tiny-ar", "tiny-diffusion"])
@@ -33,12 +33,13 @@ def test_every_budget_of_a_model_reuses_one_trace_artifact(tiny_models, calibrat
     assert first["key"] == second["key"]
 
 
-def test_diffusion_traces_use_the_denoising_loss_and_differ_from_the_ar_ones(tiny_models, calibrations,
+def test_diffusion_traces_use_the_denoising_loss_and_differ_from_the_ar_ones(tiny_grid, tiny_models, calibrations,
                                                                             shared_workspace):
     method = MethodSpec("hawq", budget=3.0, probes=4, trace_tolerance=None)
     ar = read_traces(compute_layer_traces(tiny_models["tiny-ar"], method, calibrations["tiny-ar"], shared_workspace))
     diffusion = read_traces(compute_layer_traces(tiny_models["tiny-diffusion"], method,
                                                  calibrations["tiny-diffusion"], shared_workspace))
-    assert set(ar) == set(diffusion) and len(ar) == 14
+    layers = tiny_grid.models[0].tiny.num_hidden_layers
+    assert set(ar) == set(diffusion) and len(ar) == 7 * layers  # q, k, v, o, gate, up, down per layer
     assert any(abs(ar[n]["trace"] - diffusion[n]["trace"]) > 1e-6 for n in ar)
     assert all(t["probes"] == 4 and t["trace_stderr"] >= 0 for t in diffusion.values())

@@ -206,3 +206,29 @@ def test_activation_traces_leave_no_hooks_behind():
     model = tiny_qwen3(layers=2, hidden=16)
     activation_traces(model, token_batches(1), run_forward)
     assert all(not m._forward_pre_hooks for m in quantizable_linears(model).values())
+
+
+def test_fisher_trace_is_the_mean_squared_per_row_gradient_norm():
+    import torch
+
+    from tasks.hessian import fisher_traces
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential()
+    model.add_module("model", torch.nn.Module())
+    model.model.add_module("layers", torch.nn.ModuleList([torch.nn.Module()]))
+    layer = model.model.layers[0]
+    layer.add_module("mlp", torch.nn.Module())
+    layer.mlp.add_module("up_proj", torch.nn.Linear(3, 2, bias=False))
+
+    def loss_fn(m, batch):
+        return (m.model.layers[0].mlp.up_proj(batch["x"]) ** 2).sum()
+
+    x = torch.randn(4, 3)
+    traces = fisher_traces(model, loss_fn, [{"x": x[:2]}, {"x": x[2:]}])
+    weight = layer.mlp.up_proj.weight.detach()
+    # d/dW sum((W x)^2) = 2 (W x) x^T for one row x
+    expected = [float((2 * torch.outer(weight @ row, row)).pow(2).sum()) for row in x]
+    trace = traces["model.layers.0.mlp.up_proj"]
+    assert trace.trace_mean == pytest.approx(sum(expected) / 4, rel=1e-5)
+    assert trace.probes == 4 and trace.trace_stderr > 0

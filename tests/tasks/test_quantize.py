@@ -6,10 +6,10 @@ from tasks.quantize import average_bits, quantize_model, quantized_module_bits
 
 
 @pytest.fixture(scope="module")
-def calibration(tiny_grid, tiny_models, shared_workspace):
+def calibration(stdlib_calibration, tiny_models, shared_workspace):
     from tasks.calibration import build_calibration
 
-    return build_calibration(tiny_grid.calibration, tiny_models["tiny-ar"], shared_workspace)
+    return build_calibration(stdlib_calibration, tiny_models["tiny-ar"], shared_workspace)
 
 
 def _dequantized_weight(model, name):
@@ -20,10 +20,12 @@ def _dequantized_weight(model, name):
 
 
 @pytest.mark.parametrize("name, bits", [("gptq", 2), ("gptq", 3), ("gptq", 4), ("gptq", 8), ("rtn", 4)])
-def test_checkpoint_layers_are_quantized_at_the_requested_bits(name, bits, tiny_models, calibration, shared_workspace):
+def test_checkpoint_layers_are_quantized_at_the_requested_bits(name, bits, tiny_grid, tiny_models, calibration,
+                                                               shared_workspace):
     checkpoint = quantize_model(tiny_models["tiny-ar"], MethodSpec(name, bits=bits), calibration, shared_workspace)
     module_bits = quantized_module_bits(checkpoint["path"])
-    assert len(module_bits) == 2 * 7  # q, k, v, o, gate, up, down in each of the 2 layers
+    layers = tiny_grid.models[0].tiny.num_hidden_layers
+    assert len(module_bits) == layers * 7  # q, k, v, o, gate, up, down in each layer
     assert set(module_bits.values()) == {bits}
     assert checkpoint["avg_bits"] == pytest.approx(bits)
     assert average_bits(checkpoint["path"]) == pytest.approx(bits)

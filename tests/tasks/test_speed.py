@@ -124,6 +124,9 @@ def test_measure_diffusion_extrapolates_steps_to_the_full_schedule():
     assert record["answer_tokens_per_s"] == pytest.approx(2 * SETTINGS.answer_tokens / record["answer_s_extrapolated"])
     seq_len = SETTINGS.prompt_tokens + SETTINGS.answer_tokens
     assert record["forward_flops"] == speed.forward_flops(TINY, 2, seq_len, causal=False)
+    assert record["answer_forward_flops"] == speed.forward_flops(
+        TINY, 2, seq_len, causal=False, logit_positions=SETTINGS.answer_tokens)
+    assert record["answer_forward_s"] > 0 and record["bidirectional_unpadded"] is True
 
 
 @pytest.mark.parametrize("family", ["ar", "diffusion"])
@@ -208,7 +211,20 @@ def test_report_memory_is_net_of_what_the_process_held_before():
 def test_report_states_where_each_target_stands():
     met = speed.render_markdown(synthetic_results(0.0025, 480.0), speed.REAL_SHAPE, BenchSettings(), "cmd")
     assert "| AR decode vs its own bandwidth floor | ar/Qwen3-1.7B/bf16/b1 | 2.50x | <= 3x | yes |" in met
-    assert "| diffusion forward rate | diffusion/CoDA-1.7B/bf16/b32 | 60% of matmul | >= 50% | yes |" in met
+    assert ("| diffusion forward rate (full forward) | diffusion/CoDA-1.7B/bf16/b32 | 60% of matmul | >= 50% | yes |"
+            in met)
     missed = speed.render_markdown(synthetic_results(0.004, 320.0), speed.REAL_SHAPE, BenchSettings(), "cmd")
     assert "4.00x | <= 3x | no |" in missed and "40% of matmul | >= 50% | no |" in missed
     assert "NVIDIA H100" in met and "cmd" in met
+
+
+def test_report_takes_the_target_from_the_sampler_forward_and_sets_before_beside_after():
+    results = synthetic_results(0.0025, 320.0)
+    record = results["records"]["diffusion/CoDA-1.7B/bf16/b32"]
+    before = {**record, "step_s": 0.56, "peak_bytes": 7e10}
+    record |= {"answer_forward_s": 0.15, "answer_forward_tflops": 440.0, "step_s": 0.28, "peak_bytes": 1.4e10}
+    results["before"] = {"diffusion/CoDA-1.7B/bf16/b32": before}
+    text = speed.render_markdown(results, speed.REAL_SHAPE, BenchSettings(), "cmd")
+    assert "| diffusion forward rate (sampler forward) | diffusion/CoDA-1.7B/bf16/b32 | 55% of matmul | >= 50% | yes |" in text
+    assert "| diffusion/CoDA-1.7B/bf16/b32 | step ms | 560.00 (run 0) | 280.00 (run 0) | 2.00x |" in text
+    assert "| diffusion/CoDA-1.7B/bf16/b32 | step peak GB | 70.00 (run 0) | 14.00 (run 0) | 5.00x |" in text

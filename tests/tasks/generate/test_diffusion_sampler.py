@@ -10,6 +10,8 @@ from tasks.generate.diffusion import (
     denoising_schedule,
     diffusion_generate,
     dream_commit_counts,
+    masked_counts_before_each_step,
+    score_positions,
     token_probabilities,
     top_k_filter,
     top_p_filter,
@@ -421,6 +423,96 @@ def test_a_prompt_generates_the_same_alone_and_beside_a_longer_prompt(padding_si
             long_alone = diffusion_generate(logits_fn, long, torch.ones_like(long), settings, mask_id, torch.Generator())
         assert torch.equal(batched[0], alone[0])
         assert torch.equal(batched[1], long_alone[0])
+
+
+def at_positions(logits_fn):
+    """The positions form of a full-logits function, recording (ids, positions) of each call."""
+    asked = []
+
+    def logits_at(ids, attention_mask, positions):
+        asked.append((ids.clone(), positions.clone()))
+        full = logits_fn(ids, attention_mask)
+        return full[torch.arange(ids.shape[0])[:, None], positions]
+
+    return logits_at, asked
+
+
+@pytest.mark.parametrize("settings", [
+    DiffusionSamplerSettings(10, 5, alg="entropy"),
+    DiffusionSamplerSettings(10, 5, alg="topk_margin", temperature=0.7, top_p=0.9),
+    DiffusionSamplerSettings(10, 4, alg="maskgit_plus", temperature=1.0, block_length=5, alg_temp=0.5),
+    DiffusionSamplerSettings(10, 5, alg="origin", temperature=1.0),
+])
+def test_logits_at_positions_give_the_answers_of_full_logits_and_score_only_masked_positions(settings):
+    prompt_ids = torch.tensor([[0, 1, 2], [3, 4, 5]])
+    prompt_mask = torch.tensor([[0, 1, 1], [1, 1, 1]])
+    logits_fn = context_logits(VOCAB, seed=3)
+    full = diffusion_generate(logits_fn, prompt_ids, prompt_mask, settings, MASK_ID, torch.Generator().manual_seed(5))
+    logits_at, asked = at_positions(logits_fn)
+    selected = diffusion_generate(logits_at, prompt_ids, prompt_mask, settings, MASK_ID,
+                                  torch.Generator().manual_seed(5), logits_at_positions=True)
+    assert torch.equal(selected, full)
+    for ids, positions in asked:
+        if settings.alg != "origin":  # under origin every window position is scored
+            assert (ids.gather(1, positions) == MASK_ID).all()
+            assert ((ids == MASK_ID).sum(dim=1) >= positions.shape[1]).all()
+
+
+def test_masked_counts_fall_by_each_steps_commits_and_restart_per_block():
+    dream = denoising_schedule(DiffusionSamplerSettings(10, 4))
+    counts = masked_counts_before_each_step(dream)
+    assert counts[0] == 10
+    assert [counts[i] - counts[i + 1] for i in range(3)] == [step.commit_count for step in dream[:3]]
+    blocks = masked_counts_before_each_step(denoising_schedule(DiffusionSamplerSettings(8, 4, block_length=4)))
+    assert blocks == [4, 2, 4, 2]
+    assert set(masked_counts_before_each_step(denoising_schedule(DiffusionSamplerSettings(8, 4, alg="origin")))) == {None}
+
+
+def reference_scores(logits, settings, statistic):
+    """Probabilities and confidence from the full-vocabulary filtered distribution."""
+    logits = logits.clone()
+    logits[..., MASK_ID] = float("-inf")
+    probs = token_probabilities(logits, settings.temperature, settings.top_p, settings.top_k)
+    if statistic == "entropy":
+        return probs, -torch.special.entr(probs).sum(dim=-1)
+    top_two = probs.topk(2, dim=-1).values
+    return probs, top_two[..., 0] - top_two[..., 1]
+
+
+@pytest.mark.parametrize("statistic", ["entropy", "topk_margin"])
+def test_nucleus_candidate_scores_equal_the_full_distributions(statistic):
+    logits = torch.randn(3, 4, 1000, generator=torch.Generator().manual_seed(0)) * 4
+    settings = DiffusionSamplerSettings(4, 4, temperature=0.5, top_p=0.9)
+    probs, expected = reference_scores(logits, settings, statistic)
+    assert (probs > 0).sum(dim=-1).max() < 256  # every nucleus fits the candidates: their route is taken
+    tokens, confidence = score_positions(logits, settings, MASK_ID, torch.Generator().manual_seed(1), statistic)
+    torch.testing.assert_close(confidence, expected, atol=1e-5, rtol=1e-5)
+    assert (probs.gather(-1, tokens[..., None]) > 0).all()
+
+
+def test_nucleus_candidate_draws_follow_the_filtered_distribution():
+    logits = torch.full((1, 1, 600), -20.0)
+    logits[0, 0, :3] = torch.tensor([0.6, 0.3, 0.1]).log()
+    settings = DiffusionSamplerSettings(1, 1, temperature=1.0, top_p=0.85)
+    rows = logits.expand(4000, 1, 600)
+    tokens, _ = score_positions(rows, settings, MASK_ID, torch.Generator().manual_seed(2), None)
+    assert set(tokens.unique().tolist()) == {0, 1}
+    assert abs((tokens == 0).float().mean().item() - 2 / 3) < 0.03
+
+
+@pytest.mark.parametrize("settings", [
+    DiffusionSamplerSettings(4, 4, alg="entropy", top_p=0.9),
+    DiffusionSamplerSettings(4, 4, alg="topk_margin", top_k=5),
+])
+def test_scoring_in_chunks_of_rows_changes_no_greedy_result(settings, monkeypatch):
+    import tasks.generate.diffusion as sampler
+
+    logits = torch.randn(3, 5, 40, generator=torch.Generator().manual_seed(0))
+    whole = score_positions(logits, settings, MASK_ID, torch.Generator().manual_seed(1), settings.alg)
+    monkeypatch.setattr(sampler, "SCORING_CHUNK_ELEMENTS", 2 * 40)
+    chunked = score_positions(logits, settings, MASK_ID, torch.Generator().manual_seed(1), settings.alg)
+    assert torch.equal(chunked[0], whole[0])
+    assert torch.equal(chunked[1], whole[1])
 
 
 # --- settings and answers -------------------------------------------------------------------

@@ -8,6 +8,7 @@ from tasks.models.diffusion import (
     attention_is_bidirectional,
     bidirectional_attention_mask,
     diffusion_logits,
+    diffusion_logits_at,
     enable_bidirectional_attention,
     mask_tokens,
     masked_diffusion_loss,
@@ -180,6 +181,81 @@ def test_flash_attention_is_refused_with_a_clear_error():
     input_ids, attention_mask = padded_batch()
     with pytest.raises(ValueError, match="flash_attention_2"):
         diffusion_logits(model, input_ids, attention_mask)
+
+
+def right_padded_batch():
+    input_ids, _ = padded_batch()
+    attention_mask = torch.ones_like(input_ids)
+    attention_mask[1, 5:] = 0
+    return input_ids, attention_mask
+
+
+def unpadded_batch():
+    input_ids, _ = padded_batch()
+    return input_ids, torch.ones_like(input_ids)
+
+
+def reset_to_causal(model):
+    """What a gptqmodel reload does to the attention flags."""
+    for layer in model.model.layers:
+        layer.self_attn.is_causal = True
+    return model
+
+
+@pytest.mark.parametrize("attn_implementation", ["sdpa", "eager"])
+@pytest.mark.parametrize("batch", [padded_batch, right_padded_batch, unpadded_batch])
+@pytest.mark.parametrize("logits_shift", [True, False])
+def test_logits_at_positions_equal_the_full_logits_there(attn_implementation, batch, logits_shift):
+    model = tiny_qwen3(attn_implementation).float()
+    input_ids, attention_mask = batch()
+    positions = torch.tensor([[7, 2, 5], [4, 6, 7]])
+    with torch.no_grad():
+        full = diffusion_logits(model, input_ids, attention_mask, logits_shift)
+        selected = diffusion_logits_at(model, input_ids, attention_mask, positions, logits_shift)
+    assert selected.shape == (2, 3, VOCAB)
+    torch.testing.assert_close(selected, full[torch.arange(2)[:, None], positions], atol=1e-5, rtol=0)
+
+
+def attention_mask_seen_by_the_backbone(model, input_ids, attention_mask):
+    seen = []
+    handle = model.model.register_forward_pre_hook(
+        lambda module, args, kwargs: seen.append(kwargs["attention_mask"]), with_kwargs=True
+    )
+    with torch.no_grad():
+        diffusion_logits(model, input_ids, attention_mask)
+    handle.remove()
+    return seen[0]
+
+
+def test_unpadded_sdpa_batch_runs_without_a_mask_and_padded_batches_with_the_4d_mask():
+    model = tiny_qwen3("sdpa")
+    assert attention_mask_seen_by_the_backbone(model, *unpadded_batch()) is None
+    assert attention_mask_seen_by_the_backbone(model, *padded_batch()).shape == (2, 1, 8, 8)
+    assert attention_mask_seen_by_the_backbone(tiny_qwen3("eager"), *unpadded_batch()).shape == (2, 1, 8, 8)
+
+
+@pytest.mark.parametrize("attn_implementation", ["sdpa", "eager"])
+@pytest.mark.parametrize("batch", [padded_batch, unpadded_batch])
+def test_both_logits_functions_stay_bidirectional_after_flags_are_reset_to_causal(attn_implementation, batch):
+    model = reset_to_causal(tiny_qwen3(attn_implementation))
+    input_ids, attention_mask = batch()
+    assert attention_is_bidirectional(model, input_ids, attention_mask)
+    perturbed = input_ids.clone()
+    perturbed[:, -1] = (perturbed[:, -1] + 1) % MASK_ID
+    first_real = attention_mask.argmax(dim=1, keepdim=True)
+    with torch.no_grad():
+        reset_to_causal(model)
+        before = diffusion_logits_at(model, input_ids, attention_mask, first_real, logits_shift=False)
+        reset_to_causal(model)
+        after = diffusion_logits_at(model, perturbed, attention_mask, first_real, logits_shift=False)
+    assert ((before - after).abs().amax(dim=-1) > 1e-4).all()
+
+
+def test_logits_at_positions_refuses_a_model_without_a_separate_head():
+    model = PositionTableModel(8, VOCAB)
+    input_ids, attention_mask = unpadded_batch()
+    with pytest.raises(ValueError, match="PositionTableModel has no separate backbone and lm_head"):
+        diffusion_logits_at(model, input_ids, attention_mask, torch.zeros((2, 1), dtype=torch.long))
 
 
 def test_mask_tokens_masks_about_the_ratio_and_only_inside_loss_mask():
