@@ -76,7 +76,7 @@ def cmd_run(args) -> int:
     grid = load_grid(args.grid)
     console = Console(stderr=True)
     if args.dry_run:
-        _print_cells(grid, console)
+        _print_cells(grid, Console(stderr=True, width=max(console.width, 200)))
         return 0
     from flows.runners import RunnerSpec
 
