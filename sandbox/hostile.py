@@ -22,6 +22,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import textwrap
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -47,6 +48,20 @@ check(add)
 """
 RIGHT_SOLUTION = WRONG_SOLUTION.replace("return a - b", "return a + b")
 FOLLOWER = RIGHT_SOLUTION.format(trick="")
+
+# Walks the program's own stack for the runner's pass message and writes it to every open
+# fd: the strongest in-process forgery; it must fail whenever it runs outside that process.
+STEAL_PASS_MESSAGE_FROM_STACK = """\
+frame = sys._getframe()
+while frame is not None:
+    if "seal" in frame.f_locals:
+        for fd in range(3, 64):
+            try:
+                os.write(fd, frame.f_locals["seal"])
+            except OSError:
+                pass
+    frame = frame.f_back
+"""
 
 
 @dataclass(frozen=True)
@@ -292,22 +307,9 @@ for pid in os.listdir("/proc"):
     Attack(
         "fork, child steals the real pass message and sends it",
         RIGHT_SOLUTION.format(
-            trick="""
-import os, sys
-if os.fork() == 0:
-    frame = sys._getframe()
-    while frame is not None:
-        if "seal" in frame.f_locals:
-            for fd in range(3, 64):
-                try:
-                    os.write(fd, frame.f_locals["seal"])
-                except OSError:
-                    pass
-        frame = frame.f_back
-    os._exit(0)
-os.wait()
-os._exit(0)
-"""
+            trick="import os, sys\nif os.fork() == 0:\n"
+            + textwrap.indent(STEAL_PASS_MESSAGE_FROM_STACK, "    ")
+            + "    os._exit(0)\nos.wait()\nos._exit(0)\n"
         ),
     ),
     Attack(

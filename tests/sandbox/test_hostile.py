@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from sandbox import Program, run_programs
-from sandbox.hostile import ATTACKS, Bait, run_attack
+from sandbox.hostile import ATTACKS, STEAL_PASS_MESSAGE_FROM_STACK, Bait, run_attack
 from tests.sandbox.conftest import HOSTILE_OUTCOMES
 
 # attack -> whether it leaves a trace on the host when it works
@@ -45,19 +45,8 @@ def test_forging_its_own_pass_in_process_is_the_documented_limit(any_backend):
     # The "steal the pass message" attack fails only because a child sends it; the same
     # code in the program's own process succeeds, as sandbox/runner.py's docstring states.
     # This keeps the fork variant honest: its stealing code does find the message.
-    steal_in_process = """
-import os, sys
-frame = sys._getframe()
-while frame is not None:
-    if "seal" in frame.f_locals:
-        for fd in range(3, 64):
-            try:
-                os.write(fd, frame.f_locals["seal"])
-            except OSError:
-                pass
-    frame = frame.f_back
-os._exit(0)
-raise AssertionError("the tests would fail")
-"""
+    steal_in_process = (
+        "import os, sys\n" + STEAL_PASS_MESSAGE_FROM_STACK + "os._exit(0)\nraise AssertionError('the tests would fail')\n"
+    )
     [verdict] = run_programs([Program("forger", steal_in_process, 5.0)], backend=any_backend)
     assert verdict.status == "passed"
