@@ -54,8 +54,11 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    from tasks.config import ConfigError
-    from tasks.store import StoreBusy
+    from qrobust.tasks.models.loading import set_library_environment
+
+    set_library_environment()
+    from qrobust.tasks.config import ConfigError
+    from qrobust.tasks.storage.store import StoreBusy
 
     try:
         return COMMANDS[args.command](args)
@@ -70,20 +73,20 @@ def main(argv: list[str] | None = None) -> int:
 def cmd_run(args) -> int:
     from rich.console import Console
 
-    from tasks.config import load_grid
-    from tasks.workspace import Workspace
+    from qrobust.tasks.config import load_grid
+    from qrobust.tasks.runtime.workspace import Workspace
 
     grid = load_grid(args.grid)
     console = Console(stderr=True)
     if args.dry_run:
         _print_cells(grid, Console(stderr=True, width=max(console.width, 200)))
         return 0
-    from flows.runners import RunnerSpec
+    from qrobust.flows.runners import RunnerSpec
 
     runner = RunnerSpec(args.runner, args.address)
     _check_sandbox(grid)
     workspace = Workspace.at(args.workspace)
-    from flows.grid import run_grid
+    from qrobust.flows.grid import run_grid
 
     summary = run_grid(grid, workspace, runner)
     console.print(
@@ -98,7 +101,7 @@ def cmd_run(args) -> int:
 
 def _check_sandbox(grid) -> None:
     """Fail before any model work if the configured sandbox cannot run."""
-    from sandbox import SandboxUnavailable, resolve_backend
+    from qrobust.sandbox import SandboxUnavailable, resolve_backend
 
     try:
         resolve_backend(grid.sandbox.backend)
@@ -134,13 +137,13 @@ def generation_settings(cell) -> str:
 
 
 def _write_report(workspace) -> dict:
-    from tasks.report import write_report
+    from qrobust.tasks.storage.report import write_report
 
     return write_report(workspace.store_path, workspace.report_dir)
 
 
 def cmd_report(args) -> int:
-    from tasks.workspace import Workspace
+    from qrobust.tasks.runtime.workspace import Workspace
 
     paths = _write_report(Workspace.at(args.workspace))
     print(f"report: {paths['html']}\nmarkdown: {paths['markdown']}")
@@ -151,8 +154,8 @@ def cmd_status(args) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from tasks.store import query
-    from tasks.workspace import Workspace
+    from qrobust.tasks.storage.store import query
+    from qrobust.tasks.runtime.workspace import Workspace
 
     workspace = Workspace.at(args.workspace)
     runs = query(workspace.store_path, """
@@ -174,7 +177,7 @@ def cmd_status(args) -> int:
         table.add_row(row.cell_id[:8], row.model, row.method, row.size, row.benchmark, row.status,
                       row.shards or "", pass_at_1, (row.error or "")[:120])
     if args.grid:
-        from tasks.config import load_grid
+        from qrobust.tasks.config import load_grid
 
         done = set(runs["cell_id"])
         for cell in load_grid(args.grid).cells():
@@ -187,8 +190,8 @@ def cmd_status(args) -> int:
 
 
 def cmd_sql(args) -> int:
-    from tasks.store import query
-    from tasks.workspace import Workspace
+    from qrobust.tasks.storage.store import query
+    from qrobust.tasks.runtime.workspace import Workspace
 
     import duckdb
 
@@ -229,8 +232,8 @@ def _emit(text: str, out: str | None) -> None:
 def cmd_export(args) -> int:
     from pathlib import Path
 
-    from tasks.store import connect
-    from tasks.workspace import Workspace
+    from qrobust.tasks.storage.store import connect
+    from qrobust.tasks.runtime.workspace import Workspace
 
     workspace = Workspace.at(args.workspace)
     out = Path(args.out or workspace.root / "export")
@@ -246,9 +249,9 @@ def cmd_export(args) -> int:
 def cmd_evaluate(args) -> int:
     import json
 
-    from tasks.config import BenchmarkSpec, SandboxSpec
-    from tasks.execute import evaluate_sample_file
-    from tasks.stats import pass_at_k_table
+    from qrobust.tasks.config import BenchmarkSpec, SandboxSpec
+    from qrobust.tasks.stages.execute import evaluate_sample_file
+    from qrobust.tasks.numerics.stats import pass_at_k_table
 
     spec = BenchmarkSpec(name=args.benchmark, path=args.mbpp_path)
     backend, verdicts = evaluate_sample_file(

@@ -19,9 +19,9 @@ from prefect import flow
 @flow(name="qrobust-grid-deployment", log_prints=False)
 def grid_deployment(grid: str = "tiny", workspace: str | None = None, models: list[str] | None = None) -> dict:
     """Run (or resume) `grid` in `workspace`, only its `models` if given; returns {done, failed, seconds}."""
-    from flows.grid import run_grid
-    from tasks.config import ConfigError, load_grid
-    from tasks.workspace import Workspace
+    from qrobust.flows.grid import run_grid
+    from qrobust.tasks.config import ConfigError, load_grid
+    from qrobust.tasks.runtime.workspace import Workspace
 
     config = load_grid(grid)
     if models:

@@ -2,7 +2,7 @@
 
 Composition only: which stage runs after which, what is cached, what is recorded. A
 failing cell or shard is recorded in the store and the others go on. Where the stages run
-(one process, or a Ray cluster) is `flows.runners`' business; this module says what follows
+(one process, or a Ray cluster) is `qrobust.flows.runners`' business; this module says what follows
 each stage's result.
 """
 
@@ -12,12 +12,12 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from flows.runners import RunnerSpec, StageEvent, StageFailed, StageRunner, ray_session, result_storage
-from tasks.config import Cell, GridConfig, MethodSpec, ModelSpec
-from tasks.workspace import Workspace
+from qrobust.flows.runners import RunnerSpec, StageEvent, StageFailed, StageRunner, ray_session, result_storage
+from qrobust.tasks.config import Cell, GridConfig, MethodSpec, ModelSpec
+from qrobust.tasks.runtime.workspace import Workspace
 
 if TYPE_CHECKING:
-    from tasks.store import Store
+    from qrobust.tasks.storage.store import Store
 
 
 def run_grid(grid: GridConfig, workspace: Workspace, runner: RunnerSpec = RunnerSpec()) -> dict:
@@ -74,8 +74,8 @@ class CellRun:
 
 @_flow
 def grid_flow(grid: GridConfig, workspace: Workspace, runner: RunnerSpec = RunnerSpec()) -> dict:
-    from tasks.store import Store, write_pairs
-    from tasks.views import refresh_statistics
+    from qrobust.tasks.storage.store import Store, write_pairs
+    from qrobust.tasks.storage.views import refresh_statistics
 
     started = time.perf_counter()
     store = Store(workspace.store_path)
@@ -91,7 +91,7 @@ def grid_flow(grid: GridConfig, workspace: Workspace, runner: RunnerSpec = Runne
 
 
 def _start_model(run: GridRun, model: ModelSpec) -> None:
-    from tasks.stages import calibration_task, prepare_model_task
+    from qrobust.tasks.runtime.stage_tasks import calibration_task, prepare_model_task
 
     cells = [c for c in run.grid.cells() if c.model == model]
     try:
@@ -111,9 +111,9 @@ def _start_model(run: GridRun, model: ModelSpec) -> None:
 
 def _start_quantization(run: GridRun, model_manifest: dict, method: MethodSpec, calibration, cells) -> None:
     """quantize (after hessian -> allocation for HAWQ), then every cell of this model x method."""
-    from tasks.hawq import read_traces
-    from tasks.stages import allocation_task, hessian_task, quantize_task
-    from tasks.store import write_layer_sensitivity
+    from qrobust.tasks.stages.hessian import read_traces
+    from qrobust.tasks.runtime.stage_tasks import allocation_task, hessian_task, quantize_task
+    from qrobust.tasks.storage.store import write_layer_sensitivity
 
     subject = f"{model_manifest['name']}/{method.label}"
 
@@ -148,8 +148,8 @@ def _start_quantization(run: GridRun, model_manifest: dict, method: MethodSpec, 
 
 def _start_cell(run: GridRun, cell: Cell, checkpoint: dict) -> None:
     """generate every shard; judge each generated shard in the sandbox; store the judged cell."""
-    from tasks.generate.shard import shard_task_ids
-    from tasks.stages import execute_task, generate_task
+    from qrobust.tasks.stages.generate import shard_task_ids
+    from qrobust.tasks.runtime.stage_tasks import execute_task, generate_task
 
     try:
         shards = shard_task_ids(cell)
@@ -186,7 +186,7 @@ def _judged(run: GridRun, cell_run: CellRun, index: int, verdicts: dict) -> None
 
 
 def _store_cell(run: GridRun, cell_run: CellRun) -> None:
-    from tasks.store import assemble_cell, write_cell
+    from qrobust.tasks.storage.store import assemble_cell, write_cell
 
     cell = cell_run.cell
     try:
@@ -211,7 +211,7 @@ def _fail_cell(run: GridRun, cell_run: CellRun, error: str) -> None:
 def _run_record(cell: Cell, grid: GridConfig, status: str, error: str | None = None, sandbox: str | None = None):
     from dataclasses import asdict
 
-    from tasks.benchmarks import benchmark_format, format_record
+    from qrobust.tasks.benchmarks import benchmark_format, format_record
 
     config = {
         "cell": asdict(cell),
@@ -223,7 +223,7 @@ def _run_record(cell: Cell, grid: GridConfig, status: str, error: str | None = N
 
 
 def _record_failure(run: GridRun, cell: Cell, error: str) -> None:
-    from tasks.store import record_event, write_cell
+    from qrobust.tasks.storage.store import record_event, write_cell
 
     def write(con) -> None:
         write_cell(con, cell, _run_record(cell, run.grid, "failed", error=error), [], None)

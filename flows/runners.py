@@ -7,7 +7,7 @@ CPU), so independent cells run side by side on the cluster. On the thread runner
 waits for each stage but execution as soon as it is submitted: models load one at a time in
 the flow's own process, while answers are judged in the background.
 
-Every stage runs inside a lock on its cache key (`tasks.cache_locks`), so runs sharing a
+Every stage runs inside a lock on its cache key (`qrobust.tasks.runtime.locks`), so runs sharing a
 workspace never compute the same thing twice; results, artifacts and the store live in the
 workspace, which every Ray worker must reach at the same path.
 """
@@ -23,7 +23,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Callable
 from urllib.parse import urlparse
 
-from tasks.config import GPU_STAGES, ScaleSpec
+from qrobust.tasks.config import GPU_STAGES, ScaleSpec
 
 RUNNERS = ("threads", "ray")
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
@@ -270,7 +270,7 @@ class StageRunner:
         return {"num_gpus": gpus, "max_retries": self._scale.worker_retries}
 
     def _locked(self, task):
-        from tasks.cache_locks import one_run_per_key
+        from qrobust.tasks.runtime.locks import one_run_per_key
 
         if task.name not in self._locked_tasks:
             self._locked_tasks[task.name] = one_run_per_key(task, self._lock_directory)
@@ -287,7 +287,7 @@ class StageRunner:
     def _outcome(self, run: _StageRun):
         """Wait for a stage run and record it; a cached manifest whose artifact was deleted
         is computed again."""
-        from tasks.workspace import artifact_exists
+        from qrobust.tasks.runtime.workspace import artifact_exists
 
         run.future.wait()
         state = run.future.state
@@ -305,7 +305,7 @@ class StageRunner:
 
     def _record(self, event: StageEvent, state: str, seconds: float, error: str | None = None,
                 placement: dict | None = None) -> None:
-        from tasks.store import record_event
+        from qrobust.tasks.storage.store import record_event
 
         self._store.write(record_event, event.subject, event.stage, state, seconds, shard=event.shard, error=error,
                           placement=placement)

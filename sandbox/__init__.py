@@ -1,6 +1,6 @@
 """Isolated execution of untrusted Python programs, returning verdicts.
 
-    from sandbox import Program, run_programs, resolve_backend
+    from qrobust.sandbox import Program, run_programs, resolve_backend
     backend = resolve_backend("auto")          # "docker", else "bwrap", else SandboxUnavailable
     verdicts = run_programs([Program("HumanEval/0#0", source, timeout_s=10.0)], backend=backend)
     verdicts[0].status                         # "passed" | "failed" | "timeout" | "error"
@@ -24,7 +24,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
-from sandbox.core import Limits, Program, SandboxUnavailable, Verdict
+from qrobust.sandbox.core import Limits, Program, SandboxUnavailable, Verdict
 
 __all__ = [
     "BACKENDS",
@@ -43,10 +43,10 @@ ALLOWED_NAMES = ("auto", *BACKENDS, "none")
 
 def _unavailable_reason(name: str) -> str | None:
     if name == "docker":
-        from sandbox import docker_backend
+        from qrobust.sandbox import docker_backend
 
         return docker_backend.unavailable_reason()
-    from sandbox import bwrap_backend
+    from qrobust.sandbox import bwrap_backend
 
     return bwrap_backend.unavailable_reason()
 
@@ -83,14 +83,14 @@ def resolve_backend(name: str = "auto") -> str:
 
 def _backend(name: str):
     if name == "docker":
-        from sandbox.docker_backend import DockerBackend
+        from qrobust.sandbox.docker_backend import DockerBackend
 
         return DockerBackend()
     if name == "bwrap":
-        from sandbox.bwrap_backend import BwrapBackend
+        from qrobust.sandbox.bwrap_backend import BwrapBackend
 
         return BwrapBackend()
-    from sandbox.local_backend import UnisolatedBackend
+    from qrobust.sandbox.local_backend import UnisolatedBackend
 
     return UnisolatedBackend()
 
@@ -107,7 +107,7 @@ def run_programs(
     never costs the others their verdicts. `progress(done, total)` is called after each
     verdict. Raises SandboxUnavailable when the backend cannot run here.
     """
-    from sandbox.shard import judge
+    from qrobust.sandbox.shard import judge
 
     programs = list(programs)
     if not programs:

@@ -23,10 +23,10 @@ import subprocess
 import sys
 from collections.abc import Callable, Iterator
 
-from sandbox import cgroups
-from sandbox.core import Limits
-from sandbox.local_backend import RUNNER_PATH, as_user, stream_process
-from sandbox.shard import SandboxFailure, Termination, Watchdog
+from qrobust.sandbox import cgroups
+from qrobust.sandbox.core import Limits
+from qrobust.sandbox.local_backend import RUNNER_PATH, as_user, stream_process
+from qrobust.sandbox.shard import SandboxFailure, Termination, Watchdog
 
 SANDBOX_ID = 65534
 RUNNER_INSIDE = "/opt/qrobust/runner.py"

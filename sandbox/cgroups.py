@@ -17,7 +17,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from sandbox.core import Limits
+from qrobust.sandbox.core import Limits
 
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 GROUP_NAME = "qrobust-sandbox"

@@ -20,8 +20,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from sandbox.core import Limits
-from sandbox.shard import SandboxFailure, Termination, Watchdog
+from qrobust.sandbox.core import Limits
+from qrobust.sandbox.shard import SandboxFailure, Termination, Watchdog
 
 DEFAULT_IMAGE = "qrobust-sandbox:latest"
 LABEL = "org.qrobust.sandbox"

@@ -14,8 +14,8 @@ import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from sandbox.core import Limits
-from sandbox.shard import SandboxFailure, Termination, Watchdog
+from qrobust.sandbox.core import Limits
+from qrobust.sandbox.shard import SandboxFailure, Termination, Watchdog
 
 RUNNER_PATH = Path(__file__).parent / "runner.py"
 STDERR_TAIL_BYTES = 4096

@@ -16,7 +16,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from sandbox.core import Limits, Program, Verdict
+from qrobust.sandbox.core import Limits, Program, Verdict
 
 MAX_EVENT_LINE = 16_384
 RUNNER_DEADLINE_MARGIN_S = 10.0  # the runner's own deadline is a backstop behind the host's

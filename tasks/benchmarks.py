@@ -13,9 +13,11 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from tasks.config import DATA_DIR, REPO_ROOT, BenchmarkSpec, ConfigError
+from qrobust.tasks.config import BenchmarkSpec, ConfigError
+from qrobust.tasks.runtime.bundled import data_path, resolve_data_file
 
-MBPP_SAMPLE_PATH = DATA_DIR / "benchmarks" / "mbpp_sample.jsonl"
+MBPP_SAMPLE = "data/benchmarks/mbpp_sample.jsonl"  # as grids name it
+MBPP_SAMPLE_PATH = data_path("benchmarks/mbpp_sample.jsonl")
 MBPP_HUB_ID = "google-research-datasets/mbpp"
 MBPP_TEST_TASK_IDS = range(11, 511)
 
@@ -186,11 +188,11 @@ def _mbpp_records(path: str | None) -> list[dict]:
 
 
 def resolve_data_path(path: str) -> Path:
-    """A path as given, or relative to the repository (bundled data such as data/benchmarks/...)."""
-    for candidate in (Path(path), REPO_ROOT / path):
-        if candidate.exists():
-            return candidate
-    raise ConfigError(f"file {path!r} does not exist")
+    """A path as given, or a bundled file (data/benchmarks/...)."""
+    found = resolve_data_file(path)
+    if found is None:
+        raise ConfigError(f"file {path!r} does not exist (nor is it a bundled data/ file)")
+    return found
 
 
 def _load_mbpp(path: str | None) -> list[Problem]:

@@ -15,9 +15,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-DATA_DIR = REPO_ROOT / "data"
-GRIDS_DIR = DATA_DIR / "grids"
 
 FAMILIES = ("ar", "diffusion")
 METHODS = ("fp", "rtn", "gptq", "hawq")
@@ -29,7 +26,7 @@ TIE_POLICIES = ("none", "qkv", "qkv+gate_up")
 SANDBOX_BACKENDS = ("auto", "docker", "bwrap", "none")
 PROMPT_STYLES = ("completion", "chat", "coda-instruct")
 # How a model's weights are stored: "auto" = a transformers checkpoint (or a tiny model built
-# here); "coda" = CoDA's own checkpoint format, converted to a Qwen3 checkpoint (tasks.models.coda).
+# here); "coda" = CoDA's own checkpoint format, converted to a Qwen3 checkpoint (qrobust.tasks.models.coda).
 ARCHITECTURES = ("auto", "coda")
 # How a quantized checkpoint runs at generation time: gptqmodel's kernels (the speed path) or
 # plain linear layers holding exactly the dequantized weights (the accuracy path).
@@ -87,7 +84,7 @@ class ModelSpec:
     """A model of one family: a tiny one the project builds, or a Hugging Face checkpoint.
 
     `architecture = "coda"` reads the weights in CoDA's checkpoint format (the hub's, or for a
-    tiny model one written in that format) and converts them to Qwen3 (tasks.models.coda).
+    tiny model one written in that format) and converts them to Qwen3 (qrobust.tasks.models.coda).
     """
 
     name: str
@@ -147,7 +144,7 @@ BUILTIN_MODELS: dict[str, ModelSpec] = {
     # run in the same dtype as the quantized models it is compared with.
     "tiny-ar": ModelSpec(name="tiny-ar", family="ar", tiny=TinyArchitecture(), dtype="bfloat16"),
     "tiny-diffusion": ModelSpec(name="tiny-diffusion", family="diffusion", tiny=TinyArchitecture(), dtype="bfloat16"),
-    # Both real models take CoDA's published instruct prompts (tasks.benchmarks), so the pair is
+    # Both real models take CoDA's published instruct prompts (qrobust.tasks.benchmarks), so the pair is
     # compared on identical inputs.
     "qwen3-1.7b": ModelSpec(
         name="qwen3-1.7b", family="ar", hf_id="Qwen/Qwen3-1.7B", dtype="bfloat16", prompt_style="coda-instruct"
@@ -521,7 +518,9 @@ def _unique(items: tuple, what: str, key=lambda item: item.label) -> tuple:
 
 
 def bundled_grids() -> list[str]:
-    return sorted(p.stem for p in GRIDS_DIR.glob("*.toml"))
+    from qrobust.tasks.runtime.bundled import data_path
+
+    return sorted(p.stem for p in data_path("grids").glob("*.toml"))
 
 
 def load_grid(path_or_name: str | None) -> GridConfig:
@@ -529,7 +528,9 @@ def load_grid(path_or_name: str | None) -> GridConfig:
     name = path_or_name or "tiny"
     path = Path(name)
     if not path.suffix and not path.exists():
-        path = GRIDS_DIR / f"{name}.toml"
+        from qrobust.tasks.runtime.bundled import data_path
+
+        path = data_path(f"grids/{name}.toml")
         if not path.exists():
             raise ConfigError(f"unknown grid {name!r}; bundled: {', '.join(bundled_grids())}, or a path to a .toml file")
     if not path.exists():

@@ -15,6 +15,10 @@ os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
 
+from qrobust.tasks.models.loading import set_library_environment  # noqa: E402
+
+set_library_environment()
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -29,14 +33,14 @@ def require_or_skip(available: bool, reason: str) -> None:
 
 @pytest.fixture(scope="session")
 def shared_workspace(tmp_path_factory):
-    from tasks.workspace import Workspace
+    from qrobust.tasks.runtime.workspace import Workspace
 
     return Workspace.at(tmp_path_factory.mktemp("shared-workspace"))
 
 
 @pytest.fixture(scope="session")
 def tiny_grid():
-    from tasks.config import load_grid
+    from qrobust.tasks.config import load_grid
 
     return load_grid("tiny")
 
@@ -49,7 +53,7 @@ def tiny_models(tiny_grid, shared_workspace):
     the training is dropped here (tests/tasks/test_training.py covers training)."""
     import dataclasses
 
-    from tasks.models.loading import prepare_model
+    from qrobust.tasks.models.loading import prepare_model
 
     return {m.name: prepare_model(dataclasses.replace(m, training=None), shared_workspace) for m in tiny_grid.models}
 

@@ -29,7 +29,7 @@ What a CoDA checkpoint holds (from CoDA's model code, `CoDALanguageModel/modelin
 - The forward pass is Qwen3's (RMSNorm, q/k-norm per head before rotary embeddings, GQA, SiLU
   MLP, positions 0..L-1) with bidirectional attention, and CoDA reads its logits shifted right
   by one. Neither of these is a property of the weights: every diffusion forward in qrobust goes
-  through `tasks.models.diffusion.diffusion_logits`, which passes a 4-D bidirectional mask over
+  through `qrobust.tasks.models.diffusion.diffusion_logits`, which passes a 4-D bidirectional mask over
   the non-pad tokens (so an answer generated in a batch equals the same answer generated alone)
   and applies the shift.
 
@@ -52,7 +52,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from tasks.config import TinyArchitecture
+from qrobust.tasks.config import TinyArchitecture
 
 CODA_MODEL_TYPE = "CoDA"
 CODA_ARCHITECTURE = "CoDALanguageModel"
@@ -367,7 +367,7 @@ def write_tiny_coda_checkpoint(
     import torch
     from safetensors.torch import save_file
 
-    from tasks.models.tiny import build_tokenizer
+    from qrobust.tasks.models.tiny import build_tokenizer
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)

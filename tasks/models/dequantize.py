@@ -4,7 +4,7 @@ What a quantized model answers depends only on its weight values, not on the ker
 multiplies by them, so accuracy can be measured with those values in ordinary `nn.Linear`
 layers, at full-precision speed, whatever the bit-width (gptqmodel's kernels are fast for some
 bit-widths and devices and slow for others). Latency and memory are measured on the kernel
-path (`tasks.models.loading.load_model(..., weights="kernel")`).
+path (`qrobust.tasks.models.loading.load_model(..., weights="kernel")`).
 
 The weights are gptqmodel's own dequantization, `scale * (q - zero)` per group, computed in the
 checkpoint's run dtype by its reference torch kernel (`BACKEND.GPTQ_TORCH`): bit for bit the
@@ -21,7 +21,7 @@ from pathlib import Path
 def dequantized_model(manifest: dict, device: str | None = None):
     """The quantized checkpoint of `manifest` with every quantized layer replaced by an
     `nn.Linear` holding its dequantized weights (same dtype and device); in eval mode."""
-    from tasks.models.loading import default_device, library_output_to, torch_dtype
+    from qrobust.tasks.models.loading import default_device, library_output_to, torch_dtype
 
     if not manifest.get("quantized"):
         raise ValueError(f"checkpoint {manifest.get('path')!r} is not quantized; only quantized checkpoints dequantize")

@@ -14,8 +14,8 @@ import functools
 import os
 from pathlib import Path
 
-from tasks.config import ConfigError, ModelSpec, config_hash
-from tasks.workspace import Workspace, artifact_exists, directory_bytes, read_manifest, write_manifest
+from qrobust.tasks.config import ConfigError, ModelSpec, config_hash
+from qrobust.tasks.runtime.workspace import Workspace, artifact_exists, directory_bytes, read_manifest, write_manifest
 
 QUIET_ENV = {
     "GPTQMODEL_CPU_WORKERS": "2",
@@ -80,7 +80,7 @@ def prepare_model(spec: ModelSpec, workspace: Workspace) -> dict:
         return {**manifest, "hf_id": spec.hf_id, "path": None}
     directory = workspace.artifact_dir("models", manifest["key"])
     if not (directory / "manifest.json").exists():
-        from tasks.models.tiny import save_tiny
+        from qrobust.tasks.models.tiny import save_tiny
 
         with workspace.new_artifact("models", manifest["key"]) as scratch:
             if spec.training is None:
@@ -103,8 +103,8 @@ def _save_trained_tiny(spec: ModelSpec, directory: Path) -> dict:
     """Build the base checkpoint inside `directory`, train it into `directory`, drop the base."""
     import shutil
 
-    from tasks.models.tiny import save_tiny
-    from tasks.training import train_tiny_model, training_problems
+    from qrobust.tasks.models.tiny import save_tiny
+    from qrobust.tasks.models.training import train_tiny_model, training_problems
 
     base = directory / "base"
     save_tiny(spec.tiny, base)
@@ -118,12 +118,12 @@ def _save_trained_tiny(spec: ModelSpec, directory: Path) -> dict:
 
 def _prepare_coda(spec: ModelSpec, workspace: Workspace, manifest: dict) -> dict:
     """A CoDA checkpoint (the hub's, or a tiny one written in CoDA's format) converted once into
-    a Qwen3 checkpoint in the workspace, which every later stage loads (tasks.models.coda)."""
+    a Qwen3 checkpoint in the workspace, which every later stage loads (qrobust.tasks.models.coda)."""
     directory = workspace.artifact_dir("models", manifest["key"])
     if not (directory / "manifest.json").exists():
         import tempfile
 
-        from tasks.models.coda import convert_coda_checkpoint, write_tiny_coda_checkpoint
+        from qrobust.tasks.models.coda import convert_coda_checkpoint, write_tiny_coda_checkpoint
 
         with workspace.new_artifact("models", manifest["key"]) as scratch, tempfile.TemporaryDirectory() as tiny:
             source = spec.hf_id or write_tiny_coda_checkpoint(Path(tiny), spec.tiny)
@@ -170,7 +170,7 @@ def load_tokenizer(manifest: dict):
 def _load_cached(location: str, quantized: bool, dtype: str, device: str, trust_remote_code: bool, weights: str):
     set_library_environment()
     if quantized and weights == "dequantized":
-        from tasks.models.dequantize import dequantized_model
+        from qrobust.tasks.models.dequantize import dequantized_model
 
         return dequantized_model({"path": location, "quantized": True, "dtype": dtype}, device)
     if quantized:
@@ -193,9 +193,9 @@ def load_model(manifest: dict, device: str | None = None, weights: str = "kernel
 
     A quantized checkpoint runs on gptqmodel's kernels (`weights="kernel"`, the speed path) or
     as plain linear layers holding its dequantized weights (`"dequantized"`, the accuracy path:
-    the same values, at full-precision speed; see tasks.models.dequantize).
+    the same values, at full-precision speed; see qrobust.tasks.models.dequantize).
     """
-    from tasks.config import WEIGHT_MODES
+    from qrobust.tasks.config import WEIGHT_MODES
 
     if weights not in WEIGHT_MODES:
         raise ValueError(f"unknown weights mode {weights!r}; allowed: {', '.join(WEIGHT_MODES)}")

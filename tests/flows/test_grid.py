@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from tasks.config import parse_grid
-from tasks.store import query
-from tasks.workspace import Workspace
+from qrobust.tasks.config import parse_grid
+from qrobust.tasks.storage.store import query
+from qrobust.tasks.runtime.workspace import Workspace
 
 pytestmark = pytest.mark.slow
 
@@ -63,7 +63,7 @@ def _samples(workspace):
 
 @pytest.fixture(scope="module")
 def first_run(tmp_path_factory):
-    from flows.grid import run_grid
+    from qrobust.flows.grid import run_grid
 
     workspace = Workspace.at(tmp_path_factory.mktemp("grid"))
     started = time.perf_counter()
@@ -83,7 +83,7 @@ def test_every_cell_of_the_grid_lands_in_the_store(first_run):
 
 
 def test_rerunning_the_same_grid_recomputes_nothing(first_run):
-    from flows.grid import run_grid
+    from qrobust.flows.grid import run_grid
 
     workspace, _, first_seconds = first_run
     before = _results(workspace), _samples(workspace)
@@ -95,7 +95,7 @@ def test_rerunning_the_same_grid_recomputes_nothing(first_run):
 
 
 def test_adding_a_bit_width_computes_only_the_new_cells(first_run):
-    from flows.grid import run_grid
+    from qrobust.flows.grid import run_grid
 
     workspace, _, _ = first_run
     marker = query(workspace.store_path, "SELECT max(recorded_at) AS t FROM stage_events")["t"][0]
@@ -117,7 +117,7 @@ def test_a_run_killed_mid_way_resumes_to_identical_results(first_run, tmp_path):
     grid_file = tmp_path / "grid.toml"
     grid_file.write_text(GRID.format(bits=4))
     workspace = Workspace.at(tmp_path / "killed")
-    command = [sys.executable, "-m", "flows.cli", "run", str(grid_file), "--workspace", str(workspace.root),
+    command = [sys.executable, "-m", "qrobust.flows.cli", "run", str(grid_file), "--workspace", str(workspace.root),
                "--no-report"]
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                cwd=Path(__file__).resolve().parents[2], start_new_session=True)
@@ -142,7 +142,7 @@ def test_a_run_killed_mid_way_resumes_to_identical_results(first_run, tmp_path):
 
 
 def test_a_failing_cell_is_recorded_and_the_others_finish(tmp_path, monkeypatch):
-    from flows.grid import run_grid
+    from qrobust.flows.grid import run_grid
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     grid = parse_grid("""

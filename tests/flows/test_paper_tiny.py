@@ -6,16 +6,16 @@ import json
 
 import pytest
 
-from tasks.config import load_grid
-from tasks.store import query
-from tasks.workspace import Workspace, read_manifest
+from qrobust.tasks.config import load_grid
+from qrobust.tasks.storage.store import query
+from qrobust.tasks.runtime.workspace import Workspace, read_manifest
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
 def finished(tmp_path_factory):
-    from flows.grid import run_grid
+    from qrobust.flows.grid import run_grid
 
     workspace = Workspace.at(tmp_path_factory.mktemp("paper-tiny"))
     grid = load_grid("paper-tiny")

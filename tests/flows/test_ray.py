@@ -19,8 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from tasks.config import parse_grid
-from tasks.workspace import Workspace
+from qrobust.tasks.config import parse_grid
+from qrobust.tasks.runtime.workspace import Workspace
 from tests.conftest import REPO_ROOT
 from tests.flows.test_cli import _qrobust
 from tests.flows.test_grid import GRID, _results, _rows, _samples
@@ -67,7 +67,7 @@ def two_runs_at_once(tmp_path_factory):
     grid_file = root / "grid.toml"
     grid_file.write_text(GRID.format(bits=4))
     workspace = Workspace.at(root / "workspace")
-    command = [sys.executable, "-m", "flows.cli", "run", str(grid_file), "--workspace", str(workspace.root),
+    command = [sys.executable, "-m", "qrobust.flows.cli", "run", str(grid_file), "--workspace", str(workspace.root),
                "--no-report"]
     runs = [subprocess.Popen(command, cwd=REPO_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
             for _ in range(2)]
@@ -148,8 +148,8 @@ class WorkerKiller(threading.Thread):
 @pytest.fixture(scope="module")
 def ray_run(tmp_path_factory):
     """The grid on a local Ray instance with two declared GPUs, one generation worker killed."""
-    from flows.grid import run_grid
-    from flows.runners import RunnerSpec
+    from qrobust.flows.grid import run_grid
+    from qrobust.flows.runners import RunnerSpec
 
     ray.init(num_cpus=2, num_gpus=2, include_dashboard=False)
     killer = WorkerKiller()

@@ -11,7 +11,7 @@ import os
 
 import pytest
 
-from sandbox import SandboxUnavailable, resolve_backend
+from qrobust.sandbox import SandboxUnavailable, resolve_backend
 
 REQUIRE_ENV = "QROBUST_REQUIRE_SANDBOX"
 ISOLATING = [pytest.param("docker", marks=pytest.mark.docker), pytest.param("bwrap", marks=pytest.mark.bwrap)]
@@ -45,7 +45,7 @@ def any_backend(request) -> str:
 
 def pytest_terminal_summary(terminalreporter) -> None:
     if HOSTILE_OUTCOMES:
-        from sandbox.hostile import format_table
+        from qrobust.tools.hostile import format_table
 
         terminalreporter.section("hostile programs")
         for line in format_table(HOSTILE_OUTCOMES).splitlines():

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from sandbox import (
+from qrobust.sandbox import (
     Limits,
     Program,
     SandboxUnavailable,

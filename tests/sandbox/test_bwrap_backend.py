@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from sandbox import Limits, Program, cgroups, run_programs
-from sandbox.bwrap_backend import RUNNER_INSIDE, cgroup_unavailable_reason
+from qrobust.sandbox import Limits, Program, cgroups, run_programs
+from qrobust.sandbox.bwrap_backend import RUNNER_INSIDE, cgroup_unavailable_reason
 from tests.sandbox.conftest import require_backend
 
 pytestmark = pytest.mark.bwrap

@@ -11,13 +11,13 @@ from pathlib import Path
 
 import pytest
 
-from sandbox import docker_backend
+from qrobust.sandbox import docker_backend
 from tests.sandbox.conftest import require_backend
 
 REPOSITORY = Path(__file__).resolve().parents[2]
 CALLER = """
 import sys
-from sandbox import Program, run_programs
+from qrobust.sandbox import Program, run_programs
 run_programs([Program("sleeper", "import time\\ntime.sleep(60)\\n", 3.0)], backend=sys.argv[1])
 """
 

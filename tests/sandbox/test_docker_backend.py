@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from sandbox import Limits, Program, docker_backend, run_programs
+from qrobust.sandbox import Limits, Program, docker_backend, run_programs
 from tests.sandbox.conftest import require_backend
 
 REPOSITORY = Path(__file__).resolve().parents[2]

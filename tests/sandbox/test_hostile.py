@@ -1,11 +1,11 @@
-"""Every attack in sandbox.hostile, against every isolating backend."""
+"""Every attack in qrobust.tools.hostile, against every isolating backend."""
 
 from __future__ import annotations
 
 import pytest
 
-from sandbox import Program, run_programs
-from sandbox.hostile import ATTACKS, STEAL_PASS_MESSAGE_FROM_STACK, Bait, run_attack
+from qrobust.sandbox import Program, run_programs
+from qrobust.tools.hostile import ATTACKS, STEAL_PASS_MESSAGE_FROM_STACK, Bait, run_attack
 from tests.sandbox.conftest import HOSTILE_OUTCOMES
 
 # attack -> whether it leaves a trace on the host when it works

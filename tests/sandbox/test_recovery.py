@@ -3,7 +3,7 @@ own verdict: the others in the call are re-run and judged."""
 
 from __future__ import annotations
 
-from sandbox import Limits, Program, run_programs
+from qrobust.sandbox import Limits, Program, run_programs
 
 NORMAL = "import time\ntime.sleep(0.05)\nassert sum(range(10)) == 45\n"
 KILL_ZYGOTE = "import os, signal\nos.kill(os.getppid(), signal.SIGKILL)\n"
@@ -38,7 +38,7 @@ def test_killing_the_runner_costs_only_the_attackers_verdict(any_backend):
 
 
 def test_a_frozen_sandbox_is_ended_by_the_watchdog():
-    # On the unisolated backend; sandbox.hostile freezes docker and bwrap sandboxes too.
+    # On the unisolated backend; qrobust.tools.hostile freezes docker and bwrap sandboxes too.
     limits = Limits(watchdog_slack_s=3.0)
     verdicts = run_programs(shard_around(FREEZE_RUNNER, timeout_s=1.0), backend="none", limits=limits)
     assert statuses(verdicts) == {**{p.key: "passed" for p in shard_around("")}, "attack": "timeout"}

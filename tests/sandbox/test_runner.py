@@ -11,9 +11,9 @@ import sys
 from hypothesis import given
 from hypothesis import strategies as st
 
-from sandbox import runner
-from sandbox.local_backend import RUNNER_PATH
-from sandbox.shard import EventStream
+from qrobust.sandbox import runner
+from qrobust.sandbox.local_backend import RUNNER_PATH
+from qrobust.sandbox.shard import EventStream
 
 
 def imported_modules(source: str) -> set[str]:

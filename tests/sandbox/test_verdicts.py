@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from sandbox import Program, run_programs
+from qrobust.sandbox import Program, run_programs
 
 
 def judge(backend: str, source: str, timeout_s: float = 10.0):

@@ -1,4 +1,4 @@
-from tasks.benchmarks import (
+from qrobust.tasks.benchmarks import (
     benchmark_format,
     build_program,
     extract_code,
@@ -7,7 +7,7 @@ from tasks.benchmarks import (
     render_prompt,
     truncate_at_stop_strings,
 )
-from tasks.config import BenchmarkSpec
+from qrobust.tasks.config import BenchmarkSpec
 
 MBPP_SAMPLE = "data/benchmarks/mbpp_sample.jsonl"
 

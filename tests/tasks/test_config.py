@@ -1,6 +1,6 @@
 import pytest
 
-from tasks.config import ConfigError, load_grid, parse_grid
+from qrobust.tasks.config import ConfigError, load_grid, parse_grid
 
 MINIMAL = """
 [[models]]

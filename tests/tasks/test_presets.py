@@ -2,7 +2,7 @@
 
 import pytest
 
-from tasks.benchmarks import (
+from qrobust.tasks.benchmarks import (
     benchmark_format,
     build_program,
     load_problems,
@@ -10,7 +10,7 @@ from tasks.benchmarks import (
     render_generation_prefix,
     render_prompt,
 )
-from tasks.config import BenchmarkSpec, ConfigError, load_grid, parse_grid
+from qrobust.tasks.config import BenchmarkSpec, ConfigError, load_grid, parse_grid
 
 TWO_MODELS = """
 [[models]]
@@ -130,8 +130,8 @@ def test_mbpp_instruct_shows_every_test_and_the_answer_is_the_code_before_the_fe
 
 
 def test_model_input_is_the_chat_template_then_the_generation_prefix():
-    from tasks.generate.shard import prompts_for
-    from tasks.models.tiny import build_tokenizer
+    from qrobust.tasks.stages.generate import prompts_for
+    from qrobust.tasks.models.tiny import build_tokenizer
 
     grid = parse_grid('[[models]]\nname = "tiny-ar"\nprompt_style = "coda-instruct"\n'
                       '[[methods]]\nname = "fp"\n[[benchmarks]]\nname = "humaneval"\nlimit = 1\n')
@@ -174,7 +174,7 @@ def test_paper_grid_runs_coda_with_its_published_sampler_and_qwen3_greedy():
 
 
 def test_dry_run_settings_show_each_cells_own_sampler():
-    from flows.cli import generation_settings
+    from qrobust.flows.cli import generation_settings
 
     grid = load_grid("paper")
     coda = generation_settings(_cell(grid, "coda-1.7b")).split()

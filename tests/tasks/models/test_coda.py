@@ -7,15 +7,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tasks.config import CalibrationSpec, GenerationSpec, MethodSpec, ModelSpec, TinyArchitecture
-from tasks.models.coda import (
+from qrobust.tasks.config import CalibrationSpec, GenerationSpec, MethodSpec, ModelSpec, TinyArchitecture
+from qrobust.tasks.models.coda import (
     CODA_CONFIG_DEFAULTS,
     CodaCheckpointError,
     coda_config_to_qwen3,
     load_coda,
     write_tiny_coda_checkpoint,
 )
-from tasks.models.diffusion import attention_is_bidirectional, diffusion_logits
+from qrobust.tasks.models.diffusion import attention_is_bidirectional, diffusion_logits
 
 TINY_CODA = ModelSpec(
     name="tiny-coda", family="diffusion", tiny=TinyArchitecture(), architecture="coda", dtype="bfloat16"
@@ -170,10 +170,10 @@ def test_rope_scaling_codas_code_does_not_implement_is_refused():
 @pytest.fixture(scope="module")
 def pipeline(tmp_path_factory):
     """The tiny CoDA-format model prepared (converted) and GPTQ-quantized by the stages."""
-    from tasks.calibration import build_calibration
-    from tasks.models.loading import prepare_model
-    from tasks.quantize import quantize_model
-    from tasks.workspace import Workspace
+    from qrobust.tasks.stages.calibration import build_calibration
+    from qrobust.tasks.models.loading import prepare_model
+    from qrobust.tasks.stages.quantize import quantize_model
+    from qrobust.tasks.runtime.workspace import Workspace
 
     workspace = Workspace.at(tmp_path_factory.mktemp("coda-workspace"))
     base = prepare_model(TINY_CODA, workspace)
@@ -194,8 +194,8 @@ def test_prepared_model_is_a_converted_checkpoint_marked_with_how_to_run_it(pipe
 
 
 def _answers(manifest, prompts):
-    from tasks.generate.shard import diffusion_answers
-    from tasks.models.loading import load_model, load_tokenizer
+    from qrobust.tasks.stages.generate import diffusion_answers
+    from qrobust.tasks.models.loading import load_model, load_tokenizer
 
     model, tokenizer = load_model(manifest, "cpu"), load_tokenizer(manifest)
     return diffusion_answers(model, tokenizer, prompts, GREEDY, manifest, seed=0)[0]
@@ -211,7 +211,7 @@ def test_an_answer_generated_in_a_padded_batch_equals_the_answer_generated_alone
 
 
 def test_quantized_model_reloads_with_bidirectional_attention(pipeline):
-    from tasks.models.loading import load_model
+    from qrobust.tasks.models.loading import load_model
 
     _, quantized = pipeline
     model = load_model(quantized, "cpu")

@@ -11,7 +11,7 @@ differ by rounding only. Allowed: 4 bf16 units in the last place of the largest 
 import pytest
 import torch
 
-from tasks.config import CalibrationSpec, MethodSpec, ModelSpec, TinyArchitecture
+from qrobust.tasks.config import CalibrationSpec, MethodSpec, ModelSpec, TinyArchitecture
 
 BF16_RELATIVE_UNIT = 2.0**-7
 ALLOWED_UNITS = 4
@@ -21,10 +21,10 @@ TINY_AR = ModelSpec(name="tiny-ar-untrained", family="ar", tiny=TinyArchitecture
 @pytest.fixture(scope="module")
 def quantize(tmp_path_factory):
     """bits -> the GPTQ checkpoint (group size 32) of an untrained tiny Qwen3 model."""
-    from tasks.calibration import build_calibration
-    from tasks.models.loading import prepare_model
-    from tasks.quantize import quantize_model
-    from tasks.workspace import Workspace
+    from qrobust.tasks.stages.calibration import build_calibration
+    from qrobust.tasks.models.loading import prepare_model
+    from qrobust.tasks.stages.quantize import quantize_model
+    from qrobust.tasks.runtime.workspace import Workspace
 
     workspace = Workspace.at(tmp_path_factory.mktemp("dequantize"))
     base = prepare_model(TINY_AR, workspace)
@@ -46,7 +46,7 @@ def _kernel_names(model) -> set[str]:
 def test_dequantized_model_holds_only_plain_linear_layers(quantize):
     from gptqmodel.nn_modules.qlinear import BaseQuantLinear
 
-    from tasks.models.loading import load_model
+    from qrobust.tasks.models.loading import load_model
 
     model = load_model(quantize(3), "cpu", weights="dequantized")
     assert not any(isinstance(m, BaseQuantLinear) for m in model.modules())
@@ -56,7 +56,7 @@ def test_dequantized_model_holds_only_plain_linear_layers(quantize):
 
 
 def test_reference_kernel_and_dequantized_weights_give_bit_identical_logits(quantize):
-    from tasks.models.loading import load_model
+    from qrobust.tasks.models.loading import load_model
 
     checkpoint = quantize(3)
     kernel = load_model(checkpoint, "cpu")
@@ -66,7 +66,7 @@ def test_reference_kernel_and_dequantized_weights_give_bit_identical_logits(quan
 
 
 def test_int4_kernel_and_dequantized_logits_agree_within_bf16_rounding(quantize):
-    from tasks.models.loading import load_model
+    from qrobust.tasks.models.loading import load_model
 
     checkpoint = quantize(4)
     kernel = load_model(checkpoint, "cpu")
@@ -79,7 +79,7 @@ def test_int4_kernel_and_dequantized_logits_agree_within_bf16_rounding(quantize)
 
 @pytest.mark.parametrize("bits", [2, 3])
 def test_each_weight_group_holds_at_most_two_to_the_bits_distinct_values(quantize, bits):
-    from tasks.models.loading import load_model
+    from qrobust.tasks.models.loading import load_model
 
     weight = load_model(quantize(bits), "cpu", weights="dequantized").get_submodule("model.layers.0.mlp.up_proj").weight
     groups = weight.reshape(weight.shape[0], -1, 32)  # [out, in / group_size, group_size]
@@ -88,14 +88,14 @@ def test_each_weight_group_holds_at_most_two_to_the_bits_distinct_values(quantiz
 
 
 def test_a_full_precision_checkpoint_has_nothing_to_dequantize(tmp_path):
-    from tasks.models.dequantize import dequantized_model
+    from qrobust.tasks.models.dequantize import dequantized_model
 
     with pytest.raises(ValueError, match="is not quantized"):
         dequantized_model({"path": str(tmp_path), "quantized": False, "dtype": "bfloat16"})
 
 
 def test_unknown_weights_mode_is_named_with_the_allowed_ones(quantize):
-    from tasks.models.loading import load_model
+    from qrobust.tasks.models.loading import load_model
 
     with pytest.raises(ValueError, match="unknown weights mode 'fast'; allowed: kernel, dequantized"):
         load_model(quantize(3), "cpu", weights="fast")

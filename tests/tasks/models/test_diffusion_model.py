@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tasks.models.diffusion import (
+from qrobust.tasks.models.diffusion import (
     attention_is_bidirectional,
     bidirectional_attention_mask,
     diffusion_logits,

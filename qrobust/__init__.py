@@ -1,0 +1,56 @@
+"""qrobust: how much accuracy does a language model lose when it is post-training quantized?
+
+The Python API beside the command line, for notebooks and scripts:
+
+    import qrobust
+    summary = qrobust.run("tiny", workspace="ws")     # run or resume a grid (a name, a path or a GridConfig)
+    df = qrobust.results("ws")                          # the `results` table as a pandas DataFrame
+    con = qrobust.connect("ws")                         # a read-only DuckDB connection to the whole store
+
+In a checkout the subpackages live at the repository's top level (`flows/`, `tasks/`,
+`sandbox/`, `tools/`, `data/`, `docker/`); installed, they are `qrobust.flows`, `qrobust.tasks`, ...
+Nothing heavy is imported until a function needs it.
+"""
+
+from __future__ import annotations
+
+from importlib.metadata import PackageNotFoundError, version as _version
+
+try:
+    __version__ = _version("qrobust")
+except PackageNotFoundError:  # run from a source tree that was never installed
+    __version__ = "0+unknown"
+
+__all__ = ["__version__", "connect", "results", "run"]
+
+
+def run(grid="tiny", workspace=None, *, runner: str = "threads", address: str | None = None,
+        recompute: tuple[str, ...] = (), report: bool = True) -> dict:
+    """Run (or resume) a grid; returns {done, failed, seconds, report}.
+
+    `grid` is a bundled grid name, a TOML path or a parsed `GridConfig`; `workspace` a directory
+    (default ./qrobust-workspace). Cached stages are reused; `recompute` names stages to force.
+    """
+    from qrobust.flows.api import run_grid_api
+
+    return run_grid_api(grid, workspace, runner=runner, address=address, recompute=recompute, report=report)
+
+
+def results(workspace=None, table: str = "results"):
+    """A table (default `results`) or view of a workspace's store as a pandas DataFrame."""
+    from qrobust.tasks.runtime.workspace import Workspace
+    from qrobust.tasks.storage.store import read_table
+
+    return read_table(Workspace.existing(workspace).store_path, table)
+
+
+def connect(workspace=None):
+    """A read-only DuckDB connection to a workspace's store (close it when done: a run waits for it)."""
+    import duckdb
+
+    from qrobust.tasks.runtime.workspace import Workspace
+
+    path = Workspace.existing(workspace).store_path
+    if not path.exists():
+        raise FileNotFoundError(f"no results store at {path}; run qrobust.run() first")
+    return duckdb.connect(str(path), read_only=True)

@@ -1,0 +1,1 @@
+"""Decoding algorithms: left-to-right generation and the masked-diffusion sampler."""

@@ -1,0 +1,1 @@
+"""Pure numerics over tensors and arrays: no Prefect, no workspace, no store."""

@@ -1,0 +1,44 @@
+from qrobust.tasks.config import parse_grid
+from qrobust.tasks.storage.store import connect, write_cell
+
+GRID = """
+[[models]]
+name = "tiny-ar"
+[[methods]]
+name = "fp"
+[[benchmarks]]
+name = "humaneval"
+limit = 2
+"""
+
+
+def _sample(task_id, passed):
+    return {"task_id": task_id, "sample_idx": 0, "completion": "x", "passed": passed,
+            "status": "passed" if passed else "failed", "error": None, "gen_seconds": 0.1, "exec_seconds": 0.2}
+
+
+def _result(pass_at_1):
+    return {"avg_bits": 16.0, "n_problems": 2, "n_samples": 1, "pass_at_1": pass_at_1, "model_bytes": 10,
+            "peak_mem_bytes": 20, "gen_tokens_per_s": 5.0, "gen_seconds": 1.0, "quantize_seconds": 0.0}
+
+
+def test_writing_a_cell_twice_replaces_its_rows(tmp_path):
+    cell = parse_grid(GRID).cells()[0]
+    record = {"config": {"x": 1}, "status": "done", "sandbox": "docker"}
+    with connect(tmp_path / "s.duckdb") as con:
+        write_cell(con, cell, record, [_sample("A", True), _sample("B", False)], _result(0.5))
+        write_cell(con, cell, record, [_sample("A", True), _sample("B", True)], _result(1.0))
+        assert con.execute("SELECT count(*) FROM samples").fetchone()[0] == 2
+        assert con.execute("SELECT count(*) FROM runs").fetchone()[0] == 1
+        assert con.execute("SELECT pass_at_1 FROM results").fetchone()[0] == 1.0
+        assert con.execute("SELECT sandbox FROM samples LIMIT 1").fetchone()[0] == "docker"
+
+
+def test_a_failed_cell_keeps_its_error_and_no_results(tmp_path):
+    cell = parse_grid(GRID).cells()[0]
+    with connect(tmp_path / "s.duckdb") as con:
+        write_cell(con, cell, {"config": {}, "status": "done"}, [_sample("A", True)], _result(1.0))
+        write_cell(con, cell, {"config": {}, "status": "failed", "error": "boom"}, [], None)
+        assert con.execute("SELECT status, error FROM runs").fetchone() == ("failed", "boom")
+        assert con.execute("SELECT count(*) FROM results").fetchone()[0] == 0
+        assert con.execute("SELECT count(*) FROM samples").fetchone()[0] == 0
