@@ -13,6 +13,7 @@ def _parser() -> argparse.ArgumentParser:
         prog="qrobust",
         description="Quantization robustness of auto-regressive and diffusion language models on code benchmarks.",
     )
+    parser.add_argument("--version", action="version", version=f"qrobust {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     def with_workspace(p):
@@ -27,6 +28,10 @@ def _parser() -> argparse.ArgumentParser:
                      help="threads: this process (default); ray: a Ray cluster, GPU stages one per GPU")
     run.add_argument("--address", default=None,
                      help="the Ray cluster to join (host:port, ray://host:10001 or auto; default: start a local one)")
+    run.add_argument("--recompute", action="append", default=[], metavar="STAGE",
+                     help="compute STAGE again even where its cached result is current, and every stage after it "
+                          "(prepare-model, calibration, hessian, allocation, quantize, generate, execute, report); "
+                          "may be repeated")
 
     status = with_workspace(sub.add_parser("status", help="which cells and stages are done, cached or failed"))
     status.add_argument("grid", nargs="?", default=None, help="also list this grid's cells that have not run")
@@ -52,9 +57,15 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _version() -> str:
+    from qrobust import __version__
+
+    return __version__
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    from qrobust.tasks.models.loading import set_library_environment
+    from qrobust.tasks.runtime.environment import set_library_environment
 
     set_library_environment()
     from qrobust.tasks.config import ConfigError
@@ -73,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
 def cmd_run(args) -> int:
     from rich.console import Console
 
-    from qrobust.tasks.config import load_grid
+    from qrobust.tasks.grid_file import load_grid
     from qrobust.tasks.runtime.workspace import Workspace
 
     grid = load_grid(args.grid)
@@ -81,21 +92,21 @@ def cmd_run(args) -> int:
     if args.dry_run:
         _print_cells(grid, Console(stderr=True, width=max(console.width, 200)))
         return 0
+    from qrobust.flows.grid import downstream_of, run_grid
     from qrobust.flows.runners import RunnerSpec
 
     runner = RunnerSpec(args.runner, args.address)
+    recompute = downstream_of(set(args.recompute))
     _check_sandbox(grid)
     workspace = Workspace.at(args.workspace)
-    from qrobust.flows.grid import run_grid
-
-    summary = run_grid(grid, workspace, runner)
+    summary = run_grid(grid, workspace, runner, recompute=recompute, report=not args.no_report)
     console.print(
         f"grid {grid.name!r}: {summary['done']} cells done, {summary['failed']} failed "
         f"in {summary['seconds']:.1f}s; store: {workspace.store_path}"
+        + (f"; details of failures in {workspace.logs / 'prefect.log'}" if summary["failed"] else "")
     )
-    if not args.no_report:
-        paths = _write_report(workspace)
-        print(f"report: {paths['html']}")
+    if summary["report"]:
+        print(f"report: {summary['report']['html']}")
     return 1 if summary["failed"] else 0
 
 
@@ -136,16 +147,15 @@ def generation_settings(cell) -> str:
     return " ".join(settings)
 
 
-def _write_report(workspace) -> dict:
-    from qrobust.tasks.storage.report import write_report
-
-    return write_report(workspace.store_path, workspace.report_dir)
-
-
 def cmd_report(args) -> int:
     from qrobust.tasks.runtime.workspace import Workspace
+    from qrobust.tasks.stages.report import write_workspace_report
+    from qrobust.tasks.storage.store import Store
 
-    paths = _write_report(Workspace.at(args.workspace))
+    workspace = Workspace.existing(args.workspace)
+    if not workspace.store_path.exists():
+        raise FileNotFoundError(f"no results store at {workspace.store_path}; run `qrobust run` first")
+    paths = write_workspace_report(workspace, Store(workspace.store_path))
     print(f"report: {paths['html']}\nmarkdown: {paths['markdown']}")
     return 0
 
@@ -154,10 +164,10 @@ def cmd_status(args) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from qrobust.tasks.storage.store import query
     from qrobust.tasks.runtime.workspace import Workspace
+    from qrobust.tasks.storage.store import query
 
-    workspace = Workspace.at(args.workspace)
+    workspace = Workspace.existing(args.workspace)
     runs = query(workspace.store_path, """
         WITH latest AS (
             SELECT cell_id, shard, arg_max(state, recorded_at) AS state
@@ -168,24 +178,36 @@ def cmd_status(args) -> int:
                res.pass_at_1
         FROM runs r LEFT JOIN results res USING (cell_id)
         ORDER BY r.model, r.benchmark, r.method, size""")
+    plans = freshness = None
+    if args.grid:
+        from qrobust.flows.grid import cell_freshness, plan_grid
+        from qrobust.tasks.grid_file import load_grid
+
+        plans = plan_grid(load_grid(args.grid))
+        freshness = cell_freshness(plans, workspace.store_path)
+        in_grid = {p.cell.cell_id for p in plans}
+        runs = runs[runs["cell_id"].isin(in_grid)]
     table = Table(title=f"cells in {workspace.store_path}")
-    for column in ("cell", "model", "method", "bits/budget", "benchmark", "status", "last shard states", "pass@1",
-                   "error"):
+    columns = ["cell", "model", "method", "bits/budget", "benchmark", "status", "last shard states", "pass@1"]
+    for column in (*columns, *(["cache"] if freshness is not None else []), "error"):
         table.add_column(column, overflow="fold")
     for row in runs.itertuples(index=False):
         pass_at_1 = "" if row.pass_at_1 != row.pass_at_1 or row.pass_at_1 is None else f"{row.pass_at_1:.3f}"
+        cache = [freshness.get(row.cell_id, "")] if freshness is not None else []
         table.add_row(row.cell_id[:8], row.model, row.method, row.size, row.benchmark, row.status,
-                      row.shards or "", pass_at_1, (row.error or "")[:120])
-    if args.grid:
-        from qrobust.tasks.config import load_grid
-
+                      row.shards or "", pass_at_1, *cache, (row.error or "")[:120])
+    if plans is not None:
         done = set(runs["cell_id"])
-        for cell in load_grid(args.grid).cells():
+        for plan in plans:
+            cell = plan.cell
             if cell.cell_id not in done:
-                size = cell.method.bits or cell.method.budget or ""
+                size = cell.method.columns["bits"] or cell.method.columns["budget"] or ""
                 table.add_row(cell.cell_id[:8], cell.model.name, cell.method.name, str(size), cell.benchmark.name,
-                              "pending", "", "", "")
-    Console(width=160).print(table)
+                              "pending", "", "", "", "")
+    Console(width=200).print(table)
+    if freshness is not None:
+        stale = sum(value.startswith("stale") for value in freshness.values())
+        print(f"{stale} of {len(freshness)} stored cells are stale: `qrobust run {args.grid}` recomputes what changed")
     return 0
 
 

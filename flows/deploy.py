@@ -20,7 +20,8 @@ from prefect import flow
 def grid_deployment(grid: str = "tiny", workspace: str | None = None, models: list[str] | None = None) -> dict:
     """Run (or resume) `grid` in `workspace`, only its `models` if given; returns {done, failed, seconds}."""
     from qrobust.flows.grid import run_grid
-    from qrobust.tasks.config import ConfigError, load_grid
+    from qrobust.tasks.config import ConfigError
+    from qrobust.tasks.grid_file import load_grid
     from qrobust.tasks.runtime.workspace import Workspace
 
     config = load_grid(grid)

@@ -1,236 +1,365 @@
 """The grid flow: every cell of a model x method x benchmark grid, cached and resumable.
 
-Composition only: which stage runs after which, what is cached, what is recorded. A
-failing cell or shard is recorded in the store and the others go on. Where the stages run
-(one process, or a Ray cluster) is `qrobust.flows.runners`' business; this module says what follows
-each stage's result.
+Composition only. `plan_grid` says which stage runs on what: for each cell, its model's
+preparation, the stages its method needs (the method says: calibration, HAWQ's hessian and
+allocation, quantization), one generation and one sandboxed execution per shard. Identical
+stage runs (one model preparation for every cell of a model, one quantization for every
+benchmark) are one call. Every call's cache key is known before anything runs.
+
+`grid_flow` submits every call as a Prefect task whose arguments are its upstream futures, so
+Prefect orders them, records the edges and carries a failure downstream; the task runner
+(threads, or Ray) decides where they run. As calls finish the flow records them, and stores
+each cell when its last shard is judged; a failing cell is recorded with one line and the
+others go on. Only this process writes the store.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
-from qrobust.flows.runners import RunnerSpec, StageEvent, StageFailed, StageRunner, ray_session, result_storage
-from qrobust.tasks.config import Cell, GridConfig, MethodSpec, ModelSpec
+from qrobust.flows.runners import RunnerSpec, Submitter, prefect_logs_to, ray_session
+from qrobust.tasks.config import Cell, GridConfig
+from qrobust.tasks.runtime.stage import ArtifactRef, Stage
 from qrobust.tasks.runtime.workspace import Workspace
 
 if TYPE_CHECKING:
     from qrobust.tasks.storage.store import Store
 
+# What a cell's error says failed, by the stage that failed first.
+FAILED_PART = {
+    "prepare-model": "model preparation",
+    "calibration": "model preparation",
+    "hessian": "quantization",
+    "allocation": "quantization",
+    "quantize": "quantization",
+    "generate": "generation",
+    "execute": "execution",
+}
+STAGE_ORDER = tuple(FAILED_PART)
 
-def run_grid(grid: GridConfig, workspace: Workspace, runner: RunnerSpec = RunnerSpec()) -> dict:
-    """Run (or resume) a grid; returns a summary {done, failed, seconds}."""
-    flow = grid_flow.with_options(result_storage=result_storage(workspace), persist_result=False,
-                                  task_runner=runner.task_runner())
-    if runner.name == "threads":
-        return flow(grid, workspace, runner)
+
+@functools.lru_cache(maxsize=1)
+def stages() -> dict[str, Stage]:
+    """Every pipeline stage, by name, in pipeline order."""
+    from qrobust.tasks.stages import allocation, calibration, execute, generate, hessian, prepare_model, quantize
+
+    modules = (prepare_model, calibration, hessian, allocation, quantize, generate, execute)
+    return {module.STAGE.name: module.STAGE for module in modules}
+
+
+def downstream_of(names: set[str]) -> frozenset[str]:
+    """`names` and every stage after the first of them (what a forced recomputation invalidates)."""
+    unknown = sorted(set(names) - set(STAGE_ORDER) - {"report"})
+    if unknown:
+        raise ValueError(f"unknown stage {unknown[0]!r}; allowed: {', '.join((*STAGE_ORDER, 'report'))}")
+    firsts = [STAGE_ORDER.index(name) for name in names if name in STAGE_ORDER]
+    after = set(STAGE_ORDER[min(firsts):]) if firsts else set()
+    return frozenset(after | set(names))
+
+
+# --------------------------------------------------------------------------- the plan
+
+@dataclass(frozen=True, eq=False)
+class StageCall:
+    """One stage run: its inputs are values or the calls whose artifacts they are."""
+
+    stage: Stage
+    inputs: tuple
+    subject: str  # what stage_events calls it: a model, a model/method, or a cell id
+    shard: int | None = None
+
+    @functools.cached_property
+    def key(self) -> str:
+        return self.stage.key(self.planned_inputs)
+
+    @property
+    def planned_inputs(self) -> tuple:
+        return tuple(ArtifactRef(v.stage.name, v.key) if isinstance(v, StageCall) else v for v in self.inputs)
+
+    @property
+    def upstream(self) -> list["StageCall"]:
+        return [v for v in self.inputs if isinstance(v, StageCall)]
+
+
+@dataclass
+class CellPlan:
+    cell: Cell
+    calls: list[StageCall] = field(default_factory=list)  # every call the cell needs, in stage order
+    checkpoint: StageCall | None = None
+    shards: list[tuple[StageCall, StageCall]] = field(default_factory=list)  # (generate, execute)
+    error: str | None = None  # the cell could not be planned (its problems did not load)
+
+
+def plan_grid(grid: GridConfig) -> list[CellPlan]:
+    """Every cell's stage calls; calls with the same stage and key are one call."""
+    from qrobust.tasks.benchmarks import problem_shards
+
+    known: dict[tuple[str, str], StageCall] = {}
+    s = stages()
+
+    def call(stage: str, inputs: tuple, subject: str, shard: int | None = None) -> StageCall:
+        new = StageCall(s[stage], inputs, subject, shard)
+        return known.setdefault((stage, new.key), new)
+
+    plans = []
+    for cell in grid.cells():
+        model, method = cell.model, cell.method
+        plan = CellPlan(cell)
+        prepared = call("prepare-model", (model,), model.name)
+        plan.calls.append(prepared)
+        checkpoint = prepared
+        if method.quantizes:
+            subject = f"{model.name}/{method.label}"
+            calibration = allocation = None
+            if method.needs_calibration:
+                calibration = call("calibration", (cell.calibration, prepared), model.name)
+                plan.calls.append(calibration)
+            if method.needs_curvature:
+                traces = call("hessian", (prepared, method.curvature, calibration),
+                              f"{model.name}/{method.curvature.estimator}")
+                allocation = call("allocation", (prepared, method, traces), subject)
+                plan.calls += [traces, allocation]
+            checkpoint = call("quantize", (prepared, method, calibration, allocation), subject)
+            plan.calls.append(checkpoint)
+        plan.checkpoint = checkpoint
+        try:
+            shards = problem_shards(cell.benchmark, cell.generation.shard_size)
+        except Exception as exc:  # the benchmark's problems could not be loaded
+            plan.error = f"generation failed: {_one_line(exc)}"
+            shards = []
+        for index, shard in enumerate(shards):
+            generate = call("generate", (shard, model.prompt_style, cell.generation, model.family, checkpoint),
+                            cell.cell_id, index)
+            execute = call("execute", (shard, model.prompt_style, generate, grid.sandbox), cell.cell_id, index)
+            plan.shards.append((generate, execute))
+            plan.calls += [generate, execute]
+        plans.append(plan)
+    return plans
+
+
+# --------------------------------------------------------------------------- running it
+
+def run_grid(grid: GridConfig, workspace: Workspace, runner: RunnerSpec = RunnerSpec(),
+             recompute: frozenset[str] = frozenset(), report: bool = True) -> dict:
+    """Run (or resume) a grid; returns a summary {done, failed, seconds, report}."""
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    with ray_session(runner, grid.scale, _gpu_stages(grid)) as api_url, \
-            temporary_settings({PREFECT_API_URL: api_url}):
-        return flow(grid, workspace, runner)
+    from qrobust.flows.runners import prefect_settings
+
+    flow = grid_flow.with_options(task_runner=runner.task_runner())
+    with prefect_settings(), prefect_logs_to(workspace.logs / "prefect.log"):
+        if runner.name == "threads":
+            return flow(grid, workspace, runner, recompute, report)
+        with ray_session(runner, grid.scale, _gpu_stages(grid)) as api_url, \
+                temporary_settings({PREFECT_API_URL: api_url}):
+            return flow(grid, workspace, runner, recompute, report)
 
 
 def _gpu_stages(grid: GridConfig) -> set[str]:
-    """The stages of this grid that load a model (and so may hold a GPU)."""
-    stages = {"generate"}
+    """The GPU stages this grid runs."""
+    stages_run = {"generate"}
     if any(m.quantizes for m in grid.methods):
-        stages.add("quantize")
-    if any(m.name == "hawq" for m in grid.methods):
-        stages.add("hessian")
-    return stages
+        stages_run.add("quantize")
+    if any(m.needs_curvature for m in grid.methods):
+        stages_run.add("hessian")
+    return stages_run
 
 
 def _flow(fn):
     from prefect import flow
 
-    return flow(name="qrobust-grid", log_prints=False, validate_parameters=False)(fn)
+    return flow(name="qrobust-grid", log_prints=False, validate_parameters=False, persist_result=False)(fn)
+
+
+@_flow
+def grid_flow(grid: GridConfig, workspace: Workspace, runner: RunnerSpec = RunnerSpec(),
+              recompute: frozenset[str] = frozenset(), report: bool = True) -> dict:
+    from qrobust.tasks.storage.store import Store, write_pairs
+
+    started = time.perf_counter()
+    store = Store(workspace.store_path)
+    plans = plan_grid(grid)
+    progress = GridProgress(len(plans))
+    run = GridRun(grid, workspace, store, progress, Submitter(workspace, runner, grid.scale, recompute))
+    store.write(write_pairs, grid.pairs)
+    run.start(plans)
+    run.follow()
+    run.finish(report, recompute)
+    progress.close()
+    return {**progress.counts, "seconds": time.perf_counter() - started, "report": run.report_paths}
 
 
 @dataclass
 class GridRun:
-    """What every step of the flow needs: the grid, where it lives, and how stages run."""
+    """The flow's bookkeeping: which call each future is, which cells wait for it."""
 
     grid: GridConfig
     workspace: Workspace
     store: "Store"
-    stages: StageRunner
     progress: "GridProgress"
+    submitter: Submitter
+    waiting: dict[StageCall, list[CellPlan]] = field(default_factory=dict)
+    pending: dict[int, int] = field(default_factory=dict)  # id(cell plan) -> calls not yet finished
+    outcomes: dict[StageCall, Any] = field(default_factory=dict)  # artifact, or the failure's one line
+    backend: str | None = None
+    report_paths: dict | None = None
 
+    def start(self, plans: list[CellPlan]) -> None:
+        for plan in plans:
+            if plan.error:
+                self.record_failure(plan.cell, plan.error)
+            calls = list(dict.fromkeys(plan.calls))
+            self.pending[id(plan)] = len(calls)
+            for call in calls:
+                self.waiting.setdefault(call, []).append(plan)
+                self.submitter.submit(call)
+            if not calls and not plan.error:
+                self.store_cell(plan)
 
-@dataclass
-class CellRun:
-    """A cell whose shards are in flight; its rows are written when every shard is judged."""
+    def follow(self) -> None:
+        """Record each call as it ends, and store each cell once all its calls have ended."""
+        from prefect.futures import as_completed
 
-    cell: Cell
-    checkpoint: dict
-    n_shards: int
-    generations: dict[int, dict] = field(default_factory=dict)
-    verdicts: dict[int, dict] = field(default_factory=dict)
-    failed: bool = False
+        for future in as_completed(self.submitter.futures()):
+            call = self.submitter.call_of(future)
+            self.outcomes[call] = self.record_call(call, future)
+            for plan in self.waiting.get(call, []):
+                self.pending[id(plan)] -= 1
+                if self.pending[id(plan)] == 0 and not plan.error:
+                    self.close_cell(plan)
 
+    def record_call(self, call: StageCall, future) -> Any:
+        from qrobust.tasks.storage.store import record_event
 
-@_flow
-def grid_flow(grid: GridConfig, workspace: Workspace, runner: RunnerSpec = RunnerSpec()) -> dict:
-    from qrobust.tasks.storage.store import Store, write_pairs
-    from qrobust.tasks.storage.views import refresh_statistics
+        future.wait()  # as_completed says the run ended; wait() reads its final state
+        state = future.state
+        if state.is_pending():  # an upstream call failed: the cell's error names that one
+            return Skipped()
+        if not state.is_completed():
+            error = _error_of(future)
+            self.store.write(record_event, call.subject, call.stage.name, state.name, shard=call.shard, error=error,
+                             key=call.key)
+            return Failed(error)
+        artifact = future.result()
+        code = call.stage.code(call.planned_inputs)
+        self.store.write(record_event, call.subject, call.stage.name, state.name, seconds=artifact.run.seconds,
+                         shard=call.shard, placement=artifact.run.placement, key=call.key, code=code,
+                         versions=call.stage.versions(), started_at=artifact.run.started_at)
+        self.after(call, artifact)
+        return artifact
 
-    started = time.perf_counter()
-    store = Store(workspace.store_path)
-    stages = StageRunner(runner, grid.scale, workspace.prefect_results / "locks", store)
-    run = GridRun(grid, workspace, store, stages, GridProgress(grid))
-    store.write(write_pairs, grid.pairs)
-    for model in grid.models:
-        _start_model(run, model)
-    stages.finish()
-    store.write(refresh_statistics)
-    run.progress.close()
-    return {**run.progress.counts, "seconds": time.perf_counter() - started}
+    def after(self, call: StageCall, artifact) -> None:
+        """What the store keeps of some artifacts as they arrive."""
+        if call.stage.name == "hessian":
+            from qrobust.tasks.stages.hessian import read_traces
+            from qrobust.tasks.storage.store import write_layer_sensitivity
 
+            model = call.inputs[0].inputs[0].name
+            self.store.write(write_layer_sensitivity, model, artifact.estimator, read_traces(artifact, self.workspace))
+        elif call.stage.name == "execute":
+            self.note_backend(call, artifact)
+        elif call.stage.name == "generate":
+            self.progress.shard_done(call.subject)
 
-def _start_model(run: GridRun, model: ModelSpec) -> None:
-    from qrobust.tasks.runtime.stage_tasks import calibration_task, prepare_model_task
+    def note_backend(self, call: StageCall, judged) -> None:
+        """A change of sandbox backend in the middle of a grid is announced and recorded."""
+        from qrobust.tasks.storage.store import record_event
 
-    cells = [c for c in run.grid.cells() if c.model == model]
-    try:
-        model_manifest = run.stages.run(prepare_model_task, model, run.workspace,
-                                        event=StageEvent(model.name, "prepare-model"))
-        calibration = None
-        if any(m.name in ("gptq", "hawq") for m in run.grid.methods):
-            calibration = run.stages.run(calibration_task, run.grid.calibration, model_manifest, run.workspace,
-                                         event=StageEvent(model.name, "calibration"))
-    except StageFailed as exc:
-        for cell in cells:
-            _record_failure(run, cell, f"model preparation failed: {exc}")
-        return
-    for method in run.grid.methods:
-        _start_quantization(run, model_manifest, method, calibration, [c for c in cells if c.method == method])
+        if self.backend is not None and judged.backend != self.backend:
+            reason = f" ({judged.fallback_reason})" if judged.fallback_reason else ""
+            change = f"{self.backend} -> {judged.backend}{reason}"
+            self.progress.note(f"[yellow]sandbox backend changed: {change}[/yellow]")
+            self.store.write(record_event, call.subject, "sandbox", "BackendChanged", shard=call.shard, error=change)
+        self.backend = judged.backend
 
-
-def _start_quantization(run: GridRun, model_manifest: dict, method: MethodSpec, calibration, cells) -> None:
-    """quantize (after hessian -> allocation for HAWQ), then every cell of this model x method."""
-    from qrobust.tasks.stages.hessian import read_traces
-    from qrobust.tasks.runtime.stage_tasks import allocation_task, hessian_task, quantize_task
-    from qrobust.tasks.storage.store import write_layer_sensitivity
-
-    subject = f"{model_manifest['name']}/{method.label}"
-
-    def failed(error: str) -> None:
-        for cell in cells:
-            _record_failure(run, cell, f"quantization failed: {error}")
-
-    def generate(checkpoint: dict) -> None:
-        for cell in cells:
-            _start_cell(run, cell, checkpoint)
-
-    def quantize(allocation: dict | None) -> None:
-        run.stages.submit(quantize_task, model_manifest, method, calibration, run.workspace, allocation,
-                          event=StageEvent(subject, "quantize"), then=generate, on_error=failed,
-                          uses_gpu=method.quantizes)
-
-    def allocate(traces: dict) -> None:
-        try:
-            run.store.write(write_layer_sensitivity, model_manifest["name"], method.estimator, read_traces(traces))
-        except Exception as exc:
-            failed(_one_line(exc))
+    def close_cell(self, plan: CellPlan) -> None:
+        failure = next((self.outcomes[c] for c in plan.calls if isinstance(self.outcomes.get(c), Failed)), None)
+        if failure is None:
+            self.store_cell(plan)
             return
-        run.stages.submit(allocation_task, model_manifest, method, traces, run.workspace,
-                          event=StageEvent(subject, "allocation"), then=quantize, on_error=failed)
+        failed_call = next(c for c in plan.calls if self.outcomes.get(c) is failure)
+        self.record_failure(plan.cell, f"{FAILED_PART[failed_call.stage.name]} failed: {failure.error}")
 
-    if method.name == "hawq":
-        run.stages.submit(hessian_task, model_manifest, method, calibration, run.workspace,
-                          event=StageEvent(subject, "hessian"), then=allocate, on_error=failed)
-    else:
-        quantize(None)
+    def store_cell(self, plan: CellPlan) -> None:
+        from qrobust.tasks.numerics.stats import cell_result
+        from qrobust.tasks.stages.execute import judged_samples
+        from qrobust.tasks.storage.store import write_cell
+
+        cell = plan.cell
+        try:
+            shards = [(self.outcomes[g], self.outcomes[e]) for g, e in plan.shards]
+            samples = [s for generated, judged in shards for s in judged_samples(generated, judged, self.workspace)]
+            checkpoint = self.outcomes.get(plan.checkpoint)
+            result = cell_result(checkpoint, [generated for generated, _ in shards], samples)
+            sandbox = shards[0][1].backend if shards else None
+            record = self.run_record(plan, "done", sandbox=sandbox)
+            self.store.write(write_cell, cell, record, samples, result)
+        except Exception as exc:
+            self.record_failure(cell, f"execution failed: {_one_line(exc)}")
+            return
+        self.progress.cell_done(cell, result.pass_at_1)
+
+    def run_record(self, plan: CellPlan, status: str, error: str | None = None, sandbox: str | None = None) -> dict:
+        from qrobust.tasks.benchmarks import benchmark_format, format_record
+        from qrobust.tasks.config import canonical
+
+        cell = plan.cell
+        config = {
+            "cell": canonical(cell),
+            "format": format_record(benchmark_format(cell.benchmark.name, cell.model.prompt_style)),
+            "sandbox": canonical(self.grid.sandbox),
+            "grid": self.grid.name,
+        }
+        stage_keys = [{"stage": c.stage.name, "shard": c.shard, "key": c.key} for c in plan.calls]
+        checkpoint = self.outcomes.get(plan.checkpoint)
+        module_bits = checkpoint.module_bits if hasattr(checkpoint, "module_bits") else {}
+        return {"config": config, "status": status, "error": error, "sandbox": sandbox, "stage_keys": stage_keys,
+                "module_bits": module_bits}
+
+    def record_failure(self, cell: Cell, error: str) -> None:
+        from qrobust.tasks.storage.store import record_event, write_cell
+
+        from qrobust.tasks.config import canonical
+
+        record = {"config": {"cell": canonical(cell), "grid": self.grid.name}, "status": "failed", "error": error}
+
+        def write(con) -> None:
+            write_cell(con, cell, record, [], None)
+            record_event(con, cell.cell_id, "cell", "Failed", error=error)
+
+        self.store.write(write)
+        self.progress.cell_failed(cell, error)
+
+    def finish(self, report: bool, recompute: frozenset[str]) -> None:
+        from qrobust.tasks.storage.views import refresh_statistics
+
+        self.store.write(refresh_statistics)
+        if report:
+            from qrobust.tasks.stages.report import write_workspace_report
+
+            self.report_paths = write_workspace_report(self.workspace, self.store, recompute="report" in recompute)
 
 
-def _start_cell(run: GridRun, cell: Cell, checkpoint: dict) -> None:
-    """generate every shard; judge each generated shard in the sandbox; store the judged cell."""
-    from qrobust.tasks.stages.generate import shard_task_ids
-    from qrobust.tasks.runtime.stage_tasks import execute_task, generate_task
+@dataclass(frozen=True)
+class Failed:
+    error: str
 
+
+@dataclass(frozen=True)
+class Skipped:
+    """Not run: an upstream call failed."""
+
+
+def _error_of(future) -> str:
     try:
-        shards = shard_task_ids(cell)
-    except Exception as exc:  # the benchmark's problems could not be loaded
-        _record_failure(run, cell, f"generation failed: {_one_line(exc)}")
-        return
-    cell_run = CellRun(cell, checkpoint, n_shards=len(shards))
-
-    def failed(stage: str):
-        return lambda error: _fail_cell(run, cell_run, f"{stage} failed: {error}")
-
-    def judge(index: int, generation: dict) -> None:
-        cell_run.generations[index] = generation
-        run.progress.shard_done(cell)
-        if not cell_run.failed:
-            run.stages.submit(execute_task, cell, generation, run.grid.sandbox, run.workspace,
-                              event=StageEvent(cell.cell_id, "execute", index), on_error=failed("execution"),
-                              then=lambda verdicts: _judged(run, cell_run, index, verdicts))
-
-    if not shards:  # no problem selected: the cell is stored empty
-        _store_cell(run, cell_run)
-    for index, task_ids in enumerate(shards):
-        if cell_run.failed:  # a shard failed already: the cell is recorded, the rest is moot
-            break
-        run.stages.submit(generate_task, cell, checkpoint, task_ids, run.workspace,
-                          event=StageEvent(cell.cell_id, "generate", index), on_error=failed("generation"),
-                          then=lambda generation, index=index: judge(index, generation))
-
-
-def _judged(run: GridRun, cell_run: CellRun, index: int, verdicts: dict) -> None:
-    cell_run.verdicts[index] = verdicts
-    if not cell_run.failed and len(cell_run.verdicts) == cell_run.n_shards:
-        _store_cell(run, cell_run)
-
-
-def _store_cell(run: GridRun, cell_run: CellRun) -> None:
-    from qrobust.tasks.storage.store import assemble_cell, write_cell
-
-    cell = cell_run.cell
-    try:
-        order = range(cell_run.n_shards)
-        verdicts = [cell_run.verdicts[i] for i in order]
-        samples, result = assemble_cell(cell_run.checkpoint, [cell_run.generations[i] for i in order], verdicts)
-        record = _run_record(cell, run.grid, "done", sandbox=verdicts[0]["backend"] if verdicts else None)
-        record["module_bits"] = cell_run.checkpoint.get("module_bits")
-        run.store.write(write_cell, cell, record, samples, result)
-    except Exception as exc:
-        _fail_cell(run, cell_run, f"execution failed: {_one_line(exc)}")
-        return
-    run.progress.cell_done(cell, result["pass_at_1"])
-
-
-def _fail_cell(run: GridRun, cell_run: CellRun, error: str) -> None:
-    if not cell_run.failed:  # the first failure is the cell's; its other shards' are consequences
-        cell_run.failed = True
-        _record_failure(run, cell_run.cell, error)
-
-
-def _run_record(cell: Cell, grid: GridConfig, status: str, error: str | None = None, sandbox: str | None = None):
-    from dataclasses import asdict
-
-    from qrobust.tasks.benchmarks import benchmark_format, format_record
-
-    config = {
-        "cell": asdict(cell),
-        "format": format_record(benchmark_format(cell.benchmark.name, cell.model.prompt_style)),
-        "sandbox": asdict(grid.sandbox),
-        "grid": grid.name,
-    }
-    return {"config": config, "status": status, "error": error, "sandbox": sandbox}
-
-
-def _record_failure(run: GridRun, cell: Cell, error: str) -> None:
-    from qrobust.tasks.storage.store import record_event, write_cell
-
-    def write(con) -> None:
-        write_cell(con, cell, _run_record(cell, run.grid, "failed", error=error), [], None)
-        record_event(con, cell.cell_id, "cell", "Failed", error=error)
-
-    run.store.write(write)
-    run.progress.cell_failed(cell, error)
+        future.result()
+    except Exception as exc:  # a failed or crashed run re-raises its own error, of any type
+        return _one_line(exc)
+    return f"task ended {future.state.name}"
 
 
 def _one_line(exc: BaseException) -> str:
@@ -239,9 +368,9 @@ def _one_line(exc: BaseException) -> str:
 
 
 class GridProgress:
-    """A rich progress bar over the grid's cells, with a line per finished cell."""
+    """A rich progress bar over the grid's cells, with one line per finished or failed cell."""
 
-    def __init__(self, grid: GridConfig) -> None:
+    def __init__(self, n_cells: int) -> None:
         from rich.console import Console
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -252,10 +381,10 @@ class GridProgress:
             console=self.console, transient=False,
         )
         self.progress.start()
-        self.task = self.progress.add_task("grid cells", total=len(grid.cells()))
+        self.task = self.progress.add_task("grid cells", total=n_cells)
 
-    def shard_done(self, cell: Cell) -> None:
-        self.progress.update(self.task, description=f"generating {cell.label}")
+    def shard_done(self, subject: str) -> None:
+        self.progress.update(self.task, description=f"generated a shard of {subject[:8]}")
 
     def cell_done(self, cell: Cell, pass_at_1: float) -> None:
         self.counts["done"] += 1
@@ -267,6 +396,57 @@ class GridProgress:
         self.progress.advance(self.task)
         self.progress.console.log(f"[red]{cell.label}: FAILED[/red] {error}")
 
+    def note(self, text: str) -> None:
+        self.progress.console.log(text)
+
     def close(self) -> None:
         self.progress.update(self.task, description="grid cells")
         self.progress.stop()
+
+
+# --------------------------------------------------------------------------- staleness
+
+def cell_freshness(plans: list[CellPlan], store_path) -> dict[str, str]:
+    """For each stored cell of the plan: "current", or "stale: why" (which stage would run again,
+    and whether its code, a library or its inputs changed since the stored result was made)."""
+    import json
+
+    from qrobust.tasks.storage.store import query
+
+    runs = query(store_path, "SELECT cell_id, stage_keys FROM runs WHERE status = 'done'")
+    stored = {row.cell_id: json.loads(row.stage_keys or "[]") for row in runs.itertuples(index=False)}
+    events = query(store_path, """
+        SELECT e.stage, e.shard, e.key, e.code_hash, e.versions, f.modules
+        FROM stage_events e LEFT JOIN code_fingerprints f USING (code_hash)
+        WHERE e.key IS NOT NULL AND e.state IN ('Completed', 'Cached')""")
+    made_by = {(row.stage, row.key): row for row in events.itertuples(index=False)}
+    freshness = {}
+    for plan in plans:
+        if plan.cell.cell_id not in stored:
+            continue
+        old_keys = {(k["stage"], k["shard"]): k["key"] for k in stored[plan.cell.cell_id]}
+        changed = next((c for c in plan.calls if old_keys.get((c.stage.name, c.shard)) != c.key), None)
+        if changed is None:
+            freshness[plan.cell.cell_id] = "current"
+            continue
+        old = made_by.get((changed.stage.name, old_keys.get((changed.stage.name, changed.shard))))
+        freshness[plan.cell.cell_id] = f"stale: {changed.stage.name} {_why_changed(changed, old)}"
+    return freshness
+
+
+def _why_changed(call: StageCall, old) -> str:
+    import json
+
+    if old is None:
+        return "has no record of how it was made"
+    code = call.stage.code(call.planned_inputs)
+    if old.code_hash != code.digest:
+        before = json.loads(old.modules) if isinstance(old.modules, str) else {}
+        now = dict(code.modules)
+        modules = sorted(m for m in set(before) | set(now) if before.get(m) != now.get(m))
+        return f"code changed ({', '.join(modules) or 'its modules'})"
+    before, now = json.loads(old.versions or "{}"), call.stage.versions()
+    libraries = [f"{name} {before.get(name)} -> {now[name]}" for name in now if before.get(name) != now[name]]
+    if libraries:
+        return f"libraries changed ({', '.join(libraries)})"
+    return "settings or upstream results changed"

@@ -1,34 +1,30 @@
-"""Where the grid's stages run: Prefect's default thread runner, or a Ray cluster through prefect-ray.
+"""Where the grid's stages run: Prefect's thread runner, or a Ray cluster through prefect-ray.
 
-`StageRunner` submits the stage tasks and hands each finished one back to the flow. On Ray,
-every stage is submitted as soon as its inputs exist, with the resources the grid's `[scale]`
-table asks for (a GPU per hessian, quantize and generate run by default; sandbox execution on
-CPU), so independent cells run side by side on the cluster. On the thread runner the flow
-waits for each stage but execution as soon as it is submitted: models load one at a time in
-the flow's own process, while answers are judged in the background.
+`Submitter` submits every stage call at once, its upstream futures as arguments; the task
+runner starts each when its inputs exist. On the thread runner, stages that load a model take
+turns on the device (`tasks.runtime.stage.DEVICE`, one model at a time, in the order they
+became ready) while sandboxed execution and tokenising run beside them. On Ray, each call
+reserves what the grid's `[scale]` table asks for its stage, so independent cells run side by
+side on the cluster.
 
-Every stage runs inside a lock on its cache key (`qrobust.tasks.runtime.locks`), so runs sharing a
-workspace never compute the same thing twice; results, artifacts and the store live in the
-workspace, which every Ray worker must reach at the same path.
+Every stage runs inside a lock on its cache key (`tasks.runtime.locks`), so runs sharing a
+workspace never compute the same thing twice; artifacts and the store live in the workspace,
+which every Ray worker must reach at the same path.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-import queue
 import socket
-import time
-from dataclasses import dataclass, field, replace
-from typing import Any, Callable
+from dataclasses import dataclass
+from typing import Any
 from urllib.parse import urlparse
 
 from qrobust.tasks.config import GPU_STAGES, ScaleSpec
 
 RUNNERS = ("threads", "ray")
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
-# Sandbox execution is the only stage the thread runner leaves running while the flow goes on.
-BACKGROUND_STAGE = "execute"
 
 
 class RunnerUnavailable(ValueError):
@@ -56,16 +52,6 @@ class RunnerSpec:
         from prefect_ray import RayTaskRunner
 
         return RayTaskRunner(address=self.address)
-
-
-def result_storage(workspace):
-    """Where Prefect keeps the stages' cached results: the workspace's cache/ folder, unless a
-    storage block is configured (PREFECT_RESULTS_DEFAULT_STORAGE_BLOCK, e.g. a RemoteFileSystem
-    on any fsspec URL). Set on the flow itself so that it holds when the grid flow runs inside
-    another flow (a deployment), which would otherwise hand down its own storage."""
-    from prefect.settings import PREFECT_RESULTS_DEFAULT_STORAGE_BLOCK
-
-    return PREFECT_RESULTS_DEFAULT_STORAGE_BLOCK.value() or workspace.prefect_results
 
 
 # --------------------------------------------------------------------------- Ray session
@@ -120,10 +106,10 @@ def _check_gpus(scale: ScaleSpec, gpu_stages: set[str]) -> None:
 
     available = ray.cluster_resources().get("GPU", 0)
     for stage in (s for s in GPU_STAGES if s in gpu_stages):
-        if scale.gpus(stage) > available:
+        if scale.gpus(stage, available) > available:
             raise RunnerUnavailable(
-                f"the Ray cluster has {available:g} GPUs but a {stage} run asks for {scale.gpus(stage):g}; "
-                f"set [scale] {stage}_gpus (0 runs it on CPU)"
+                f"the Ray cluster has {available:g} GPUs but a {stage} run asks for {scale.gpus(stage, available):g}; "
+                f"set [scale] {stage}_gpus (0 runs it on CPU, auto takes one where there are GPUs)"
             )
 
 
@@ -155,168 +141,133 @@ def _check_workers_reach(api_url: str) -> None:
         )
 
 
-# --------------------------------------------------------------------------- stages
+# --------------------------------------------------------------------------- submitting stage calls
 
-@dataclass(frozen=True)
-class StageEvent:
-    """How a stage run is recorded in `stage_events`: the cell (or model, or model/method) it
-    belongs to, the stage and, for generation and execution, the shard."""
+class Submitter:
+    """Submits stage calls as Prefect tasks whose arguments are the futures of their upstream calls.
 
-    subject: str
-    stage: str
-    shard: int | None = None
+    On Ray each call reserves the resources the grid's `[scale]` table asks for its stage (GPU
+    stages one GPU each by default where the cluster has GPUs, sandbox execution and the rest one
+    CPU), and a call whose stage loads nothing this time keeps off the GPUs.
+    """
 
+    def __init__(self, workspace, runner: RunnerSpec, scale: ScaleSpec, recompute: frozenset[str]) -> None:
+        self.workspace = workspace
+        self.scale = scale
+        self.recompute = recompute
+        self.on_ray = runner.name == "ray"
+        self._futures: dict[Any, Any] = {}  # call -> future
+        self._calls: dict[int, Any] = {}  # id(future) -> call
 
-class StageFailed(Exception):
-    """A stage run ended Failed or Crashed; the message is its one-line error."""
+    def submit(self, call):
+        if call in self._futures:
+            return self._futures[call]
+        from qrobust.flows.grid import StageCall
+        from qrobust.tasks.runtime.stage import prefect_task
 
-
-@dataclass
-class _StageRun:
-    task: Any
-    args: tuple
-    event: StageEvent
-    then: Callable[[Any], None] | None = None
-    on_error: Callable[[str], None] | None = None
-    uses_gpu: bool = True
-    refresh: bool = False
-    future: Any = field(default=None, repr=False)
-    submitted: float = 0.0
-    ended: float | None = None
-
-    def seconds(self) -> float:
-        """From submission to the end of the run (under Ray, waiting for a free GPU included)."""
-        return (self.ended or time.perf_counter()) - self.submitted
-
-
-class StageRunner:
-    """Submits the grid's stage tasks on the flow's task runner and calls the flow back with
-    each result. Must be used inside the grid flow; `finish()` returns when every follow-up ran."""
-
-    def __init__(self, runner: RunnerSpec, scale: ScaleSpec, lock_directory, store) -> None:
-        self._on_ray = runner.name == "ray"
-        self._scale = scale
-        self._lock_directory = lock_directory
-        self._store = store
-        self._locked_tasks: dict[str, Any] = {}
-        self._in_flight = 0
-        self._finished: queue.SimpleQueue[_StageRun] = queue.SimpleQueue()
-
-    def run(self, task, *args, event: StageEvent):
-        """Run a stage and wait for it; returns its result or raises StageFailed."""
-        return self._outcome(self._launch(_StageRun(task, args, event)))
-
-    def submit(self, task, *args, event: StageEvent, then: Callable[[Any], None],
-               on_error: Callable[[str], None], uses_gpu: bool = True) -> None:
-        """Start a stage; `then(result)` or `on_error(message)` runs in the flow when it ends.
-
-        `uses_gpu=False` keeps a GPU stage that loads no model this time (full precision has
-        nothing to quantize) off the GPUs.
-        """
-        waits_here = not self._on_ray and event.stage != BACKGROUND_STAGE
-        if waits_here:
-            self.run_finished()  # store what finished meanwhile before the flow blocks again
-        run = self._launch(_StageRun(task, args, event, then, on_error, uses_gpu))
-        if waits_here:
-            self._follow_up(run)
-            return
-        self._in_flight += 1
-        run.future.add_done_callback(lambda _: self._ended(run))
-
-    def run_finished(self) -> None:
-        """Run the follow-ups of the stages that have finished, without waiting for others."""
-        while True:
-            try:
-                run = self._finished.get_nowait()
-            except queue.Empty:
-                return
-            self._in_flight -= 1
-            self._follow_up(run)
-
-    def finish(self) -> None:
-        """Run follow-ups as stages finish until none is left (follow-ups may submit more)."""
-        while self._in_flight:
-            run = self._finished.get()
-            self._in_flight -= 1
-            self._follow_up(run)
-
-    def _ended(self, run: _StageRun) -> None:
-        """Called by the task runner, from its own thread, when a submitted run ends."""
-        run.ended = time.perf_counter()
-        self._finished.put(run)
-
-    def _launch(self, run: _StageRun) -> _StageRun:
-        task = self._locked(run.task)
-        run.submitted = time.perf_counter()
-        if run.refresh:
-            task = task.with_options(refresh_cache=True)
-        if self._on_ray:
+        inputs = tuple(self.submit(value) if isinstance(value, StageCall) else value for value in call.inputs)
+        task = prefect_task(call.stage)
+        arguments = (call.stage, self.workspace, inputs)
+        options = dict(recompute=call.stage.name in self.recompute, subject=_run_name(call))
+        if self.on_ray:
             from prefect_ray.context import remote_options
 
-            with remote_options(**self.ray_options(run.event.stage if run.uses_gpu else None)):
-                run.future = task.submit(*run.args)
+            with remote_options(**self.ray_options(call.stage.name)):
+                future = task.submit(*arguments, **options)
         else:
-            run.future = task.submit(*run.args)
-        return run
+            future = task.submit(*arguments, **options)
+        self._futures[call] = future
+        self._calls[id(future)] = call
+        return future
 
-    def ray_options(self, stage: str | None) -> dict:
+    def ray_options(self, stage: str) -> dict:
         """What one run of `stage` reserves on the cluster (Ray's CPU default of 1 stays).
 
         Ray gives a GPU stage a fresh worker process each time (its default for GPU tasks),
         so a model's GPU memory is freed with its process and no worker carries a CUDA
         context over to a GPU it was not assigned.
         """
-        gpus = self._scale.gpus(stage) if stage else 0
-        return {"num_gpus": gpus, "max_retries": self._scale.worker_retries}
+        import ray
 
-    def _locked(self, task):
-        from qrobust.tasks.runtime.locks import one_run_per_key
+        cluster_gpus = ray.cluster_resources().get("GPU", 0)
+        return {"num_gpus": self.scale.gpus(stage, cluster_gpus), "max_retries": self.scale.worker_retries}
 
-        if task.name not in self._locked_tasks:
-            self._locked_tasks[task.name] = one_run_per_key(task, self._lock_directory)
-        return self._locked_tasks[task.name]
+    def futures(self) -> list:
+        return list(self._futures.values())
 
-    def _follow_up(self, run: _StageRun) -> None:
-        try:
-            result = self._outcome(run)
-        except StageFailed as exc:
-            run.on_error(str(exc))
-            return
-        run.then(result)
-
-    def _outcome(self, run: _StageRun):
-        """Wait for a stage run and record it; a cached manifest whose artifact was deleted
-        is computed again."""
-        from qrobust.tasks.runtime.workspace import artifact_exists
-
-        run.future.wait()
-        state = run.future.state
-        if not state.is_completed():
-            error = _error_of(run.future)
-            self._record(run.event, state.name, seconds=run.seconds(), error=error)
-            raise StageFailed(error)
-        result = run.future.result()
-        if isinstance(result, dict) and result.get("path") and not artifact_exists(result) and not run.refresh:
-            return self._outcome(self._launch(replace(run, refresh=True, future=None, ended=None)))
-        # A cache hit's manifest tells where it was computed once, not where this run went.
-        placement = result.get("placement") if isinstance(result, dict) and state.name != "Cached" else None
-        self._record(run.event, state.name, seconds=run.seconds(), placement=placement)
-        return result
-
-    def _record(self, event: StageEvent, state: str, seconds: float, error: str | None = None,
-                placement: dict | None = None) -> None:
-        from qrobust.tasks.storage.store import record_event
-
-        self._store.write(record_event, event.subject, event.stage, state, seconds, shard=event.shard, error=error,
-                          placement=placement)
+    def call_of(self, future):
+        return self._calls[id(future)]
 
 
-def _error_of(future) -> str:
+def _run_name(call) -> str:
+    shard = "" if call.shard is None else f"#{call.shard}"
+    return f"{call.stage.name} {call.subject}{shard}"
+
+
+# --------------------------------------------------------------------------- Prefect's settings and output
+
+@contextlib.contextmanager
+def prefect_settings():
+    """Prefect settings every run needs: an offline-safe start (the temporary API server's
+    database set-up can exceed Prefect's default start-up limit on a fresh machine) and no
+    analytics. A value the user set in the environment wins."""
+    import os
+
+    from prefect.settings import (
+        PREFECT_SERVER_ANALYTICS_ENABLED,
+        PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS,
+        temporary_settings,
+    )
+
+    updates = {}
+    if "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS" not in os.environ:
+        updates[PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS] = 180
+    if "PREFECT_SERVER_ANALYTICS_ENABLED" not in os.environ:
+        updates[PREFECT_SERVER_ANALYTICS_ENABLED] = False
+    with temporary_settings(updates):
+        yield
+
+
+@contextlib.contextmanager
+def prefect_logs_to(log_file):
+    """Library logs go to `log_file`: Prefect's console output (a traceback per failed task run,
+    every task run's state, server notices) and torch's warnings. The grid's own progress, one
+    line per failed cell and qrobust's own warnings stay on the terminal."""
+    import sys
+
+    import torch  # noqa: F401  (torch installs its own stderr handler when first imported)
+    from prefect.logging import configuration
+
+    if not configuration.PROCESS_LOGGING_CONFIG:
+        configuration.setup_logging()  # Prefect's handlers exist from now on, so they can be swapped
+    log_file.parent.mkdir(parents=True, exist_ok=True)
+    to_file = logging.FileHandler(log_file)
+    to_file.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    swapped = []
+    for logger in map(logging.getLogger, ("", "prefect._internal", "uvicorn", "torch")):
+        consoles = [h for h in logger.handlers if type(h) is not logging.FileHandler
+                    and isinstance(h, logging.StreamHandler)]
+        for console in consoles:
+            logger.removeHandler(console)
+        logger.addHandler(to_file)
+        swapped.append((logger, consoles))
+    ours = logging.getLogger("qrobust")
+    to_terminal = logging.StreamHandler(sys.stderr)
+    to_terminal.setFormatter(logging.Formatter("qrobust: %(levelname)s: %(message)s"))
+    ours.addHandler(to_terminal)
+    ours.addHandler(to_file)
+    ours.propagate = False
     try:
-        future.result()
-    except Exception as exc:  # a failed or crashed run re-raises its own error, of any type
-        return _first_line(exc, with_type=True)
-    return f"task ended {future.state.name}"
+        yield
+    finally:
+        ours.removeHandler(to_terminal)
+        ours.removeHandler(to_file)
+        ours.propagate = True
+        for logger, consoles in swapped:
+            logger.removeHandler(to_file)
+            for console in consoles:
+                logger.addHandler(console)
+        to_file.close()
 
 
 def _first_line(exc: BaseException, with_type: bool = False) -> str:

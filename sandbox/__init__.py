@@ -33,6 +33,7 @@ __all__ = [
     "SandboxUnavailable",
     "Verdict",
     "available_backends",
+    "unavailable_reason",
     "resolve_backend",
     "run_programs",
 ]
@@ -41,7 +42,8 @@ BACKENDS = ("docker", "bwrap")
 ALLOWED_NAMES = ("auto", *BACKENDS, "none")
 
 
-def _unavailable_reason(name: str) -> str | None:
+def unavailable_reason(name: str) -> str | None:
+    """Why isolating backend `name` cannot run here now; None when it can."""
     if name == "docker":
         from qrobust.sandbox import docker_backend
 
@@ -53,7 +55,7 @@ def _unavailable_reason(name: str) -> str | None:
 
 def available_backends() -> list[str]:
     """The isolating backends usable right now, in order of preference."""
-    return [name for name in BACKENDS if _unavailable_reason(name) is None]
+    return [name for name in BACKENDS if unavailable_reason(name) is None]
 
 
 def resolve_backend(name: str = "auto") -> str:
@@ -67,13 +69,13 @@ def resolve_backend(name: str = "auto") -> str:
     if name == "none":
         return name
     if name != "auto":
-        reason = _unavailable_reason(name)
+        reason = unavailable_reason(name)
         if reason is not None:
             raise SandboxUnavailable(f"sandbox backend '{name}' is unavailable: {reason}")
         return name
     reasons = []
     for candidate in BACKENDS:
-        reason = _unavailable_reason(candidate)
+        reason = unavailable_reason(candidate)
         if reason is None:
             return candidate
         reasons.append(f"{candidate}: {reason}")

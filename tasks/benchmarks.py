@@ -220,6 +220,44 @@ def _first_function_name(code: str) -> str:
     return match.group(1) if match else ""
 
 
+# --------------------------------------------------------------------------- shards
+
+@dataclass(frozen=True)
+class ProblemShard:
+    """A fixed, ordered slice of a benchmark's problems: what one generation stage answers.
+
+    `digest` covers the problems' content (statement, tests, entry point), so an edited
+    problem file makes a new shard and never reuses answers to the old problems.
+    """
+
+    benchmark: str
+    path: str | None
+    task_ids: tuple[str, ...]
+    digest: str
+
+    def problems(self) -> list[Problem]:
+        problems = load_problems(BenchmarkSpec(self.benchmark, task_ids=self.task_ids, path=self.path))
+        if problems_digest(problems) != self.digest:
+            raise ConfigError(f"the {self.benchmark} problems {self.task_ids[0]}.. changed since this run was planned")
+        return problems
+
+
+def problems_digest(problems: list[Problem]) -> str:
+    import hashlib
+
+    content = [dataclasses.astuple(problem) for problem in problems]
+    return hashlib.sha256(json.dumps(content).encode()).hexdigest()[:16]
+
+
+def problem_shards(spec: BenchmarkSpec, shard_size: int) -> list[ProblemShard]:
+    """A benchmark selection cut into shards of `shard_size` problems, in benchmark order."""
+    problems = load_problems(spec)
+    return [
+        ProblemShard(spec.name, spec.path, tuple(p.task_id for p in chunk), problems_digest(chunk))
+        for chunk in (problems[i : i + shard_size] for i in range(0, len(problems), shard_size))
+    ]
+
+
 # --------------------------------------------------------------------------- prompts and programs
 
 def render_prompt(problem: Problem, fmt: BenchmarkFormat) -> str:

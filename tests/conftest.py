@@ -40,7 +40,7 @@ def shared_workspace(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny_grid():
-    from qrobust.tasks.config import load_grid
+    from qrobust.tasks.grid_file import load_grid
 
     return load_grid("tiny")
 

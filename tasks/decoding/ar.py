@@ -3,6 +3,12 @@
 from __future__ import annotations
 
 
+def answers(model, tokenizer, prompts: list[str], generation, checkpoint, seed: int, stop_strings: tuple[str, ...]):
+    """Answers to a batch of prompts, decoded left to right: (texts, generated token counts)."""
+    g = generation
+    return ar_generate(model, tokenizer, prompts, g.max_new_tokens, g.temperature, g.top_p, g.top_k, seed, stop_strings)
+
+
 def ar_generate(model, tokenizer, prompts: list[str], max_new_tokens: int, temperature: float,
                 top_p: float | None, top_k: int | None, seed: int, stop_strings: tuple[str, ...]):
     """Decode a batch; returns (texts, generated token counts)."""

@@ -512,3 +512,47 @@ def truncate_at_stop(
         if token in stops:
             return tokens[:index]
     return tokens
+
+
+# --------------------------------------------------------------------------- answers from a model
+
+def sampler_settings(generation, logits_shift: bool) -> "DiffusionSamplerSettings":
+    """The sampler settings of a grid's generation table."""
+    return DiffusionSamplerSettings(
+        max_new_tokens=generation.max_new_tokens,
+        steps=generation.steps,
+        alg=generation.alg,
+        temperature=generation.temperature or None,
+        top_p=generation.top_p,
+        top_k=generation.top_k,
+        alg_temp=generation.alg_temp,
+        eps=generation.eps,
+        block_length=generation.block_length,
+        logits_shift=logits_shift,
+    )
+
+
+def answers(model, tokenizer, prompts: list[str], generation, checkpoint, seed: int, stop_strings=()):
+    """Answers to a batch of prompts from a diffusion model: (texts cut at eos, token counts).
+
+    The stop strings are the prompt format's: the answer region is denoised whole, then cut at
+    eos; the format's post-processing applies the stop strings (`tasks.benchmarks.postprocess`)."""
+    from qrobust.tasks.models.diffusion import diffusion_logits_at
+
+    shift = checkpoint.logits_shift
+    encoded = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
+    generator = torch.Generator(device=model.device).manual_seed(seed)
+    with torch.inference_mode():
+        # the sampler asks only for the positions it scores: lm_head runs on those alone
+        tokens = diffusion_generate(
+            lambda ids, mask, positions: diffusion_logits_at(model, ids, mask, positions, shift),
+            encoded["input_ids"],
+            encoded["attention_mask"],
+            sampler_settings(generation, shift),
+            checkpoint.mask_token_id,
+            generator,
+            logits_at_positions=True,
+        )
+    stops = {tokenizer.eos_token_id, tokenizer.pad_token_id}
+    answers = [truncate_at_stop(row, stops, mask_token_id=checkpoint.mask_token_id) for row in tokens]
+    return [tokenizer.decode(a, skip_special_tokens=True) for a in answers], [len(a) for a in answers]

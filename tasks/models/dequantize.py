@@ -18,20 +18,19 @@ from __future__ import annotations
 from pathlib import Path
 
 
-def dequantized_model(manifest: dict, device: str | None = None):
-    """The quantized checkpoint of `manifest` with every quantized layer replaced by an
-    `nn.Linear` holding its dequantized weights (same dtype and device); in eval mode."""
-    from qrobust.tasks.models.loading import default_device, library_output_to, torch_dtype
+def dequantized_model(location: Path, dtype: str, device: str | None = None):
+    """The quantized checkpoint at `location` with every quantized layer replaced by an
+    `nn.Linear` holding its dequantized weights (in `dtype`, on `device`); in eval mode."""
+    from qrobust.tasks.runtime.environment import default_device, library_output_to, torch_dtype
 
-    if not manifest.get("quantized"):
-        raise ValueError(f"checkpoint {manifest.get('path')!r} is not quantized; only quantized checkpoints dequantize")
-    location = Path(manifest["path"])
+    location = Path(location)
+    if not (location / "quantize_config.json").exists():
+        raise ValueError(f"checkpoint {str(location)!r} is not quantized; only quantized checkpoints dequantize")
     with library_output_to(location.parent / f"{location.name}.load.log"):
         from gptqmodel import BACKEND, GPTQModel
 
         wrapped = GPTQModel.load(
-            str(location), device=device or default_device(), dtype=torch_dtype(manifest["dtype"]),
-            backend=BACKEND.GPTQ_TORCH,
+            str(location), device=device or default_device(), dtype=torch_dtype(dtype), backend=BACKEND.GPTQ_TORCH,
         )
     model = wrapped.model
     if replace_quantized_linears(model) == 0:

@@ -390,3 +390,26 @@ def claim(diffusion_fp: pd.DataFrame, diffusion_quantized: pd.DataFrame,
         ci_high=high,
         verdict=claim_verdict(low, high),
     )
+
+
+def cell_result(checkpoint, generated_shards: list, samples: list):
+    """A finished cell's summary row: pass@1 (the mean over problems of each problem's pass
+    rate), the checkpoint's size and bits, and the generation's time, tokens/s and peak memory."""
+    from qrobust.tasks.artifacts import CellResult
+
+    per_problem: dict[str, list[bool]] = {}
+    for sample in samples:
+        per_problem.setdefault(sample.task_id, []).append(sample.passed)
+    gen_seconds = sum(g.gen_seconds for g in generated_shards)
+    gen_tokens = sum(g.gen_tokens for g in generated_shards)
+    return CellResult(
+        avg_bits=checkpoint.avg_bits if checkpoint is not None else None,
+        n_problems=len(per_problem),
+        n_samples=max((len(v) for v in per_problem.values()), default=0),
+        pass_at_1=sum(sum(v) / len(v) for v in per_problem.values()) / max(len(per_problem), 1),
+        model_bytes=max((g.model_bytes for g in generated_shards if g.model_bytes is not None), default=None),
+        peak_mem_bytes=max((g.peak_mem_bytes for g in generated_shards), default=None),
+        gen_tokens_per_s=gen_tokens / gen_seconds if gen_seconds else None,
+        gen_seconds=gen_seconds,
+        quantize_seconds=checkpoint.quantize_seconds if checkpoint is not None else None,
+    )

@@ -78,11 +78,14 @@ class Stage:
     extra_modules: tuple[str, ...] = ()  # code the stage uses without importing it (a file it ships)
     loads_model: bool = False
     retries: int = 0
+    code_for: Callable[[tuple], tuple[str, ...]] | None = None  # modules chosen by the inputs
 
     def code(self, inputs: tuple) -> CodeFingerprint:
         roots = {self.function.__module__, *self.extra_modules}
         for value in inputs:  # a method's own module decides what the quantize stage does with it
             roots.update(getattr(value, "code_modules", ()))
+        if self.code_for is not None:
+            roots.update(self.code_for(inputs))
         return code_fingerprint(tuple(sorted(roots)))
 
     def versions(self) -> dict[str, str]:

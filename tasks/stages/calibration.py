@@ -15,10 +15,12 @@ from __future__ import annotations
 import sysconfig
 from pathlib import Path
 
-from qrobust.tasks.config import CalibrationSpec, ConfigError, config_hash
-from qrobust.tasks.runtime.workspace import Workspace, read_manifest, write_manifest
+from qrobust.tasks.artifacts import CalibrationSet, PreparedModel
+from qrobust.tasks.config import CalibrationSpec, ConfigError
+from qrobust.tasks.runtime.stage import Stage, StageContext
 
 LOCAL_SOURCES = ("stdlib", "training-set")
+TENSORS = "calibration.safetensors"
 
 
 def stdlib_texts(limit_chars: int) -> list[str]:
@@ -36,18 +38,17 @@ def stdlib_texts(limit_chars: int) -> list[str]:
     return texts
 
 
-def training_set_texts(model_manifest: dict) -> list[str]:
+def training_set_texts(model: PreparedModel) -> list[str]:
     """Prompt + answer of every problem a pipeline-trained model memorised."""
     from qrobust.tasks.benchmarks import benchmark_format, load_problems, render_prompt
     from qrobust.tasks.config import BenchmarkSpec
     from qrobust.tasks.models.training import BUNDLED_MBPP, completion_text
 
-    training = model_manifest.get("training")
-    if not training:
+    if not model.training:
         raise ConfigError(
-            f"calibration source 'training-set' needs a model trained by the pipeline; {model_manifest['name']!r} is not"
+            f"calibration source 'training-set' needs a model trained by the pipeline; {model.name!r} is not"
         )
-    wanted = set(training["task_ids"])
+    wanted = set(model.training["task_ids"])
     problems = load_problems(BenchmarkSpec("humaneval")) + load_problems(BenchmarkSpec("mbpp", path=BUNDLED_MBPP))
     return [
         render_prompt(p, benchmark_format(p.benchmark, "completion")) + completion_text(p)
@@ -56,11 +57,11 @@ def training_set_texts(model_manifest: dict) -> list[str]:
     ]
 
 
-def calibration_texts(spec: CalibrationSpec, model_manifest: dict) -> list[str]:
+def calibration_texts(spec: CalibrationSpec, model: PreparedModel) -> list[str]:
     if spec.source == "stdlib":
         return stdlib_texts(spec.n_samples * spec.seq_len * 8)
     if spec.source == "training-set":
-        return training_set_texts(model_manifest)
+        return training_set_texts(model)
     return hub_texts(spec)
 
 
@@ -93,53 +94,43 @@ def mask_ratio_per_sample(spec: CalibrationSpec) -> list[float]:
     return [spec.mask_ratios[i % len(spec.mask_ratios)] for i in range(spec.n_samples)]
 
 
-def build_calibration(spec: CalibrationSpec, model_manifest: dict, workspace: Workspace) -> dict:
+def build_calibration(context: StageContext, spec: CalibrationSpec, model: PreparedModel) -> CalibrationSet:
     """Tokenise, window and (for diffusion models) mask the calibration set; save it."""
     import torch
+    from safetensors.torch import save_file
 
     from qrobust.tasks.models.loading import load_tokenizer
 
-    family = model_manifest["family"]
-    key = config_hash({"spec": spec, "tokenizer_of": model_manifest["key"], "family": family})
-    directory = workspace.artifact_dir("calibration", key)
-    if (directory / "manifest.json").exists():
-        return read_manifest(directory)
-    tokenizer = load_tokenizer(model_manifest)
-    clean = calibration_token_windows(spec, tokenizer, calibration_texts(spec, model_manifest))
+    tokenizer = load_tokenizer(model, context.workspace)
+    clean = calibration_token_windows(spec, tokenizer, calibration_texts(spec, model))
     tensors = {"input_ids": clean, "attention_mask": torch.ones_like(clean)}
-    if family == "diffusion":
+    masked = model.family == "diffusion"
+    if masked:
         from qrobust.tasks.models.diffusion import mask_tokens
 
         ratios = torch.tensor(mask_ratio_per_sample(spec))
         generator = torch.Generator().manual_seed(spec.seed + 1)
-        masked, positions = mask_tokens(
-            clean, torch.ones_like(clean, dtype=torch.bool), ratios, model_manifest["mask_token_id"], generator
+        masked_ids, positions = mask_tokens(
+            clean, torch.ones_like(clean, dtype=torch.bool), ratios, model.mask_token_id, generator
         )
-        tensors |= {"masked_input_ids": masked, "masked_positions": positions, "mask_ratios": ratios}
-    with workspace.new_artifact("calibration", key) as scratch:
-        torch.save(tensors, scratch / "calibration.pt")
-        write_manifest(
-            scratch,
-            {
-                "key": key,
-                "path": str(directory),
-                "family": family,
-                "n_samples": spec.n_samples,
-                "seq_len": spec.seq_len,
-                "source": spec.source,
-            },
-        )
-    return read_manifest(directory)
+        tensors |= {"masked_input_ids": masked_ids, "masked_positions": positions, "mask_ratios": ratios}
+    save_file(tensors, context.directory / TENSORS)
+    return CalibrationSet(key=context.key, family=model.family, n_samples=spec.n_samples, seq_len=spec.seq_len,
+                          source=spec.source, masked=masked)
 
 
-def load_calibration(manifest: dict) -> dict:
-    import torch
+def load_calibration(calibration: CalibrationSet, workspace) -> dict:
+    from safetensors.torch import load_file
 
-    return torch.load(Path(manifest["path"]) / "calibration.pt")
+    return load_file(calibration.directory(workspace) / TENSORS)
 
 
-def gptq_calibration_examples(manifest: dict) -> list[dict]:
+def gptq_calibration_examples(calibration: CalibrationSet, workspace) -> list[dict]:
     """The calibration set as gptqmodel takes it: what the model sees at inference."""
-    tensors = load_calibration(manifest)
+    tensors = load_calibration(calibration, workspace)
     ids = tensors.get("masked_input_ids", tensors["input_ids"])
     return [{"input_ids": row.tolist(), "attention_mask": [1] * len(row)} for row in ids]
+
+
+STAGE = Stage("calibration", build_calibration, CalibrationSet, libraries=("torch", "transformers", "tokenizers",
+                                                                           "datasets", "safetensors"))

@@ -11,9 +11,17 @@ import json
 from collections import Counter
 from pathlib import Path
 
-from qrobust.tasks.benchmarks import BenchmarkFormat, Problem, benchmark_format, build_program, load_problems
-from qrobust.tasks.config import Cell, SandboxSpec, config_hash
-from qrobust.tasks.runtime.workspace import Workspace, read_manifest, write_manifest
+from qrobust.tasks.artifacts import GeneratedShard, JudgedShard, SampleRecord
+from qrobust.tasks.benchmarks import (
+    BenchmarkFormat,
+    Problem,
+    ProblemShard,
+    benchmark_format,
+    build_program,
+    load_problems,
+)
+from qrobust.tasks.config import SandboxSpec
+from qrobust.tasks.runtime.stage import Stage, StageContext
 
 VERDICTS = "verdicts.jsonl"
 
@@ -56,29 +64,49 @@ def judge(problems: dict[str, Problem], records: list[dict], fmt: BenchmarkForma
     return backend, results
 
 
-def execute_shard(cell: Cell, generation: dict, sandbox: SandboxSpec, workspace: Workspace) -> dict:
-    """Judge one generated shard; returns the manifest of its verdicts."""
+def execute_shard(context: StageContext, shard: ProblemShard, prompt_style: str, generated: GeneratedShard,
+                  sandbox: SandboxSpec) -> JudgedShard:
+    """Judge one generated shard in the sandbox; writes one verdict per answer."""
     from qrobust.tasks.stages.generate import read_completions
 
-    key = config_hash({"generation": generation["key"], "sandbox": sandbox})
-    directory = workspace.artifact_dir("verdicts", key)
-    if (directory / "manifest.json").exists():
-        return read_manifest(directory)
-    fmt = benchmark_format(cell.benchmark.name, cell.model.prompt_style)
-    problems = {p.task_id: p for p in load_problems(cell.benchmark)}
-    backend, verdicts = judge(problems, read_completions(generation), fmt, sandbox)
-    with workspace.new_artifact("verdicts", key) as scratch:
-        with open(scratch / VERDICTS, "w") as out:
-            for verdict in verdicts:
-                out.write(json.dumps(verdict) + "\n")
-        counts = Counter(v["status"] for v in verdicts)
-        write_manifest(scratch, {"key": key, "path": str(directory), "backend": backend, "counts": dict(counts)})
-    return read_manifest(directory)
+    fmt = benchmark_format(shard.benchmark, prompt_style)
+    problems = {p.task_id: p for p in shard.problems()}
+    backend, verdicts = judge(problems, read_completions(generated, context.workspace), fmt, sandbox)
+    with open(context.directory / VERDICTS, "w") as out:
+        for verdict in verdicts:
+            out.write(json.dumps(verdict) + "\n")
+    return JudgedShard(key=context.key, backend=backend, counts=dict(Counter(v["status"] for v in verdicts)),
+                       fallback_reason=_fallback_reason(sandbox.backend, backend))
 
 
-def read_verdicts(manifest: dict) -> list[dict]:
-    path = Path(manifest["path"]) / VERDICTS
+def _fallback_reason(asked: str, used: str) -> str | None:
+    """Why `auto` ran this shard in a backend other than its first choice."""
+    from qrobust.sandbox import BACKENDS, unavailable_reason
+
+    if asked != "auto" or used == BACKENDS[0]:
+        return None
+    return f"{BACKENDS[0]}: {unavailable_reason(BACKENDS[0])}"
+
+
+def read_verdicts(judged: JudgedShard, workspace) -> list[dict]:
+    path = judged.directory(workspace) / VERDICTS
     return [json.loads(line) for line in path.read_text().splitlines() if line]
+
+
+def judged_samples(generated: GeneratedShard, judged: JudgedShard, workspace) -> list[SampleRecord]:
+    """Each answer of a shard with its verdict: the shard's rows of `samples`."""
+    from qrobust.tasks.stages.generate import read_completions
+
+    verdicts = {(v["task_id"], v["sample_idx"]): v for v in read_verdicts(judged, workspace)}
+    samples = []
+    for record in read_completions(generated, workspace):
+        verdict = verdicts[(record["task_id"], record["sample_idx"])]
+        samples.append(SampleRecord(
+            task_id=record["task_id"], sample_idx=record["sample_idx"], completion=record["completion"],
+            passed=verdict["passed"], status=verdict["status"], error=verdict["error"] or None,
+            gen_seconds=record["gen_seconds"], exec_seconds=verdict["exec_seconds"],
+        ))
+    return samples
 
 
 def read_sample_file(path: str) -> list[dict]:
@@ -107,3 +135,6 @@ def evaluate_sample_file(path: str, benchmark_spec, sandbox: SandboxSpec, style:
     if unknown:
         raise ValueError(f"unknown {benchmark_spec.name} task_id {unknown[0]!r} in {path}")
     return judge(problems, records, benchmark_format(benchmark_spec.name, style), sandbox)
+
+
+STAGE = Stage("execute", execute_shard, JudgedShard, extra_modules=("qrobust.sandbox.runner",), retries=1)

@@ -1,8 +1,9 @@
-"""Quantization stage: fp (no change), group-wise RTN and GPTQ through gptqmodel.
+"""Quantization stage: a model quantized by one method through gptqmodel, saved in GPTQ format.
 
-HAWQ is GPTQ with a per-module bit map (gptqmodel's `dynamic`) computed by the allocation
-stage. Every quantized checkpoint is saved in GPTQ format in the workspace and reloaded
-from disk for generation, exactly as a user would serve it.
+The method (`tasks.methods`) says how gptqmodel is configured (RTN, GPTQ, GPTAQ, or HAWQ's
+per-module `dynamic` bits from the allocation stage) and whether it calibrates; this stage
+loads, quantizes and saves. Full precision never comes here. Every quantized checkpoint is
+saved in the workspace and reloaded from disk for generation, exactly as a user would serve it.
 """
 
 from __future__ import annotations
@@ -10,28 +11,9 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from qrobust.tasks.config import MethodSpec, config_hash
-from qrobust.tasks.runtime.workspace import Workspace, directory_bytes, read_manifest, write_manifest
-
-FULL_PRECISION_BITS = {"float32": 32, "bfloat16": 16, "float16": 16}
-
-
-def quantize_config(method: MethodSpec, allocation: dict | None = None):
-    """The gptqmodel config for a method (RTN needs no calibration data).
-
-    For HAWQ, `allocation` holds the allocated `default_bits` and the `dynamic` overrides
-    of every module allocated a different width.
-    """
-    from gptqmodel import QuantizeConfig
-    from gptqmodel.quantization.config import RTNConfig
-
-    if method.name == "rtn":
-        return RTNConfig(bits=method.bits, group_size=method.group_size, sym=method.sym)
-    if method.name == "gptq":
-        bits, dynamic = method.bits, None
-    else:
-        bits, dynamic = allocation["default_bits"], allocation["dynamic"] or None
-    return QuantizeConfig(bits=bits, group_size=method.group_size, sym=method.sym, desc_act=False, dynamic=dynamic)
+from qrobust.tasks.artifacts import BitAllocation, CalibrationSet, PreparedModel, QuantizedCheckpoint
+from qrobust.tasks.runtime.stage import Stage, StageContext
+from qrobust.tasks.runtime.workspace import directory_bytes
 
 
 def quantized_module_bits(checkpoint: Path) -> dict[str, int]:
@@ -71,69 +53,47 @@ def average_bits(checkpoint: Path) -> float:
     return weighted / total if total else 0.0
 
 
-def quantize_model(
-    model_manifest: dict,
-    method: MethodSpec,
-    calibration_manifest: dict | None,
-    workspace: Workspace,
-    allocation: dict | None = None,
-) -> dict:
-    """Quantize a model with one method; returns the checkpoint's manifest."""
-    if not method.quantizes:
-        bits = FULL_PRECISION_BITS.get(model_manifest["dtype"], 16)
-        return {**model_manifest, "method": method.label, "avg_bits": float(bits), "quantize_seconds": 0.0}
-    key = config_hash(
-        {"model": model_manifest["key"], "method": method, "calibration": (calibration_manifest or {}).get("key"),
-         "allocation": allocation and allocation["bits"]}
-    )
-    directory = workspace.artifact_dir("quantized", key)
-    if not (directory / "manifest.json").exists():
-        _quantize_into(model_manifest, method, calibration_manifest, workspace, key, allocation)
-    return read_manifest(directory)
-
-
-def _quantize_into(model_manifest, method, calibration_manifest, workspace, key, allocation) -> None:
+def quantize_model(context: StageContext, prepared: PreparedModel, method, calibration: CalibrationSet | None,
+                   allocation: BitAllocation | None) -> QuantizedCheckpoint:
+    """Quantize a model with one method (gptqmodel configured by the method) into a GPTQ checkpoint."""
     import contextlib
 
+    from qrobust.tasks.runtime.environment import library_output_to, torch_dtype
     from qrobust.tasks.stages.calibration import gptq_calibration_examples
-    from qrobust.tasks.models.loading import checkpoint_location, library_output_to, torch_dtype
 
-    directory = workspace.artifact_dir("quantized", key)
-    log = workspace.logs / f"quantize-{key}.log"
+    workspace = context.workspace
+    seconds = {}
     # gptqmodel writes a logs/ folder into the working directory; keep it in the workspace
-    with workspace.new_artifact("quantized", key) as scratch, library_output_to(log), \
-            contextlib.chdir(workspace.logs):
+    with library_output_to(context.log), contextlib.chdir(workspace.logs):
         from gptqmodel import GPTQModel
 
         started = time.perf_counter()
         model = GPTQModel.load(
-            checkpoint_location(model_manifest),
-            quantize_config(method, allocation),
-            dtype=torch_dtype(model_manifest["dtype"]),
-            trust_remote_code=model_manifest.get("trust_remote_code", False),
+            prepared.location(workspace), method.quantize_config(allocation), dtype=torch_dtype(prepared.dtype),
+            trust_remote_code=prepared.trust_remote_code,
         )
-        if model_manifest["family"] == "diffusion":
+        if prepared.family == "diffusion":
             from qrobust.tasks.models.diffusion import enable_bidirectional_attention
 
             # calibration activations must come from the attention the model runs with
             enable_bidirectional_attention(model.model)
-        examples = None if method.name == "rtn" else gptq_calibration_examples(calibration_manifest)
+        seconds["load"] = time.perf_counter() - started
+        examples = gptq_calibration_examples(calibration, workspace) if method.needs_calibration else None
+        started = time.perf_counter()
         model.quantize(examples)
-        model.save(str(scratch))
-        seconds = time.perf_counter() - started
-        write_manifest(
-            scratch,
-            {
-                **model_manifest,
-                "path": str(directory),
-                "hf_id": None,
-                "quantized": True,
-                "method": method.label,
-                "key": key,
-                "avg_bits": average_bits(scratch),
-                "model_bytes": directory_bytes(scratch),
-                "module_bits": quantized_module_bits(scratch),
-                "quantize_seconds": seconds,
-                "allocated_bits": allocation["bits"] if allocation else None,
-            },
-        )
+        seconds["quantize"] = time.perf_counter() - started  # packing included: gptqmodel packs as it goes
+        started = time.perf_counter()
+        model.save(str(context.directory))
+        seconds["save"] = time.perf_counter() - started
+    return QuantizedCheckpoint(
+        key=context.key, name=prepared.name, family=prepared.family, dtype=prepared.dtype,
+        mask_token_id=prepared.mask_token_id, logits_shift=prepared.logits_shift,
+        trust_remote_code=prepared.trust_remote_code, model_bytes=directory_bytes(context.directory),
+        method=method.label, weight_bits=average_bits(context.directory),
+        layer_bits=quantized_module_bits(context.directory), seconds=seconds,
+        allocated_bits=allocation.bits if allocation else None,
+    )
+
+
+STAGE = Stage("quantize", quantize_model, QuantizedCheckpoint,
+              libraries=("torch", "transformers", "gptqmodel", "safetensors"), loads_model=True)

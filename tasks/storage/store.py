@@ -52,6 +52,15 @@ CREATE TABLE IF NOT EXISTS stage_events (
 );
 -- where a Ray worker ran a stage (JSON: node, pid, resources, gpu_ids); NULL on the default runner
 ALTER TABLE stage_events ADD COLUMN IF NOT EXISTS placement VARCHAR;
+-- the stage's cache key, the fingerprint of its code and its libraries' versions (JSON), and when it began
+ALTER TABLE stage_events ADD COLUMN IF NOT EXISTS key VARCHAR;
+ALTER TABLE stage_events ADD COLUMN IF NOT EXISTS code_hash VARCHAR;
+ALTER TABLE stage_events ADD COLUMN IF NOT EXISTS versions VARCHAR;
+ALTER TABLE stage_events ADD COLUMN IF NOT EXISTS started_at TIMESTAMP;
+-- every code fingerprint a stage ran with: the modules it covers and each one's hash (JSON)
+CREATE TABLE IF NOT EXISTS code_fingerprints (code_hash VARCHAR PRIMARY KEY, modules VARCHAR);
+-- the cache key of every stage call a stored cell came from (JSON list of {stage, shard, key})
+ALTER TABLE runs ADD COLUMN IF NOT EXISTS stage_keys VARCHAR;
 """
 
 
@@ -136,8 +145,8 @@ def _cell_columns(cell) -> dict:
         "model": cell.model.name,
         "family": cell.model.family,
         "method": cell.method.name,
-        "bits": cell.method.bits,
-        "budget": cell.method.budget,
+        "bits": cell.method.columns["bits"],
+        "budget": cell.method.columns["budget"],
         "benchmark": cell.benchmark.name,
     }
 
@@ -160,12 +169,19 @@ def write_pairs(con, pairs) -> None:
     con.execute("COMMIT")
 
 
-def write_cell(con, cell, run_record: dict, samples: list[dict], result: dict | None) -> None:
-    """Replace everything stored for one cell, atomically."""
+def write_cell(con, cell, run_record: dict, samples: list, result) -> None:
+    """Replace everything stored for one cell, atomically.
+
+    `samples` are `SampleRecord`s and `result` a `CellResult` (None for a failed cell), as the
+    flow hands them over; `run_record` holds the cell's config, status, error, sandbox backend,
+    stage keys and per-module bits.
+    """
+    import dataclasses
+
     base = _cell_columns(cell)
     run_row = {
         **base,
-        "group_size": cell.method.group_size if cell.method.quantizes else None,
+        "group_size": cell.method.columns["group_size"],
         "n_samples": cell.generation.n_samples,
         "config_json": json.dumps(run_record["config"], sort_keys=True, default=str),
         "config_hash": cell.cell_id,
@@ -173,8 +189,9 @@ def write_cell(con, cell, run_record: dict, samples: list[dict], result: dict | 
         "error": run_record.get("error"),
         "sandbox": run_record.get("sandbox"),
         "finished_at": datetime.now(timezone.utc).replace(tzinfo=None),
+        "stage_keys": json.dumps(run_record.get("stage_keys") or [], sort_keys=True),
     }
-    sample_rows = [{**base, **sample, "sandbox": run_record.get("sandbox")} for sample in samples]
+    sample_rows = [{**base, **dataclasses.asdict(sample), "sandbox": run_record.get("sandbox")} for sample in samples]
     con.execute("BEGIN TRANSACTION")
     try:
         for table in ("runs", "samples", "results", "layer_bits"):
@@ -182,7 +199,7 @@ def write_cell(con, cell, run_record: dict, samples: list[dict], result: dict | 
         _insert(con, "runs", [run_row])
         _insert(con, "samples", sample_rows)
         if result is not None:
-            _insert(con, "results", [{**base, **result}])
+            _insert(con, "results", [{**base, **dataclasses.asdict(result)}])
         module_bits = run_record.get("module_bits") or {}
         _insert(con, "layer_bits", [{"cell_id": cell.cell_id, "module": m, "bits": b} for m, b in module_bits.items()])
         con.execute("COMMIT")
@@ -208,54 +225,46 @@ def write_layer_sensitivity(con, model: str, estimator: str, traces: dict[str, d
 
 
 def record_event(con, cell_id: str, stage: str, state: str, seconds: float = 0.0, shard: int | None = None,
-                 error: str | None = None, placement: dict | None = None) -> None:
+                 error: str | None = None, placement: dict | None = None, key: str | None = None, code=None,
+                 versions: dict | None = None, started_at: float | None = None) -> None:
+    """One row of `stage_events`; `code` (a CodeFingerprint) is also kept in `code_fingerprints`."""
+    now = datetime.now(timezone.utc).replace(tzinfo=None)
     _insert(con, "stage_events", [{
         "cell_id": cell_id, "stage": stage, "shard": shard, "state": state, "seconds": seconds,
-        "error": error, "recorded_at": datetime.now(timezone.utc).replace(tzinfo=None),
+        "error": error, "recorded_at": now,
         "placement": json.dumps(placement, sort_keys=True) if placement else None,
+        "key": key, "code_hash": code.digest if code else None,
+        "versions": json.dumps(versions, sort_keys=True) if versions else None,
+        "started_at": datetime.fromtimestamp(started_at, timezone.utc).replace(tzinfo=None) if started_at else None,
     }])
+    if code is not None:
+        con.execute("INSERT OR IGNORE INTO code_fingerprints VALUES (?, ?)",
+                    [code.digest, json.dumps(dict(code.modules), sort_keys=True)])
+
+
+def content_digest(con) -> str:
+    """A hash of everything the report is made from (the stored cells, their samples and the
+    per-layer tables), so that an unchanged store makes the same report."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for table, exclude in (("runs", "EXCLUDE (finished_at)"), ("samples", ""), ("results", ""), ("pairs", ""),
+                           ("layer_sensitivity", ""), ("layer_bits", "")):
+        rows = con.execute(f"SELECT * {exclude} FROM {table} ORDER BY ALL").fetchall()
+        digest.update(f"{table}:{rows!r}".encode())
+    return digest.hexdigest()[:20]
+
+
+def read_table(path: Path, table: str):
+    """A table or view of the store as a pandas DataFrame."""
+    import re
+
+    if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", table):
+        raise ValueError(f"table {table!r} is not a table name")
+    return query(path, f"SELECT * FROM {table}")
 
 
 def query(path: Path, sql: str):
     """Run a read-only query; returns a pandas DataFrame."""
     with connect(path, read_only=True) as con:
         return con.execute(sql).df()
-
-
-def assemble_cell(checkpoint: dict, generations: list[dict], verdict_manifests: list[dict]) -> tuple[list[dict], dict]:
-    """The sample rows and the result row of a finished cell."""
-    from qrobust.tasks.stages.execute import read_verdicts
-    from qrobust.tasks.stages.generate import read_completions
-
-    samples = []
-    for generation, verdicts in zip(generations, verdict_manifests):
-        by_key = {(v["task_id"], v["sample_idx"]): v for v in read_verdicts(verdicts)}
-        for record in read_completions(generation):
-            verdict = by_key[(record["task_id"], record["sample_idx"])]
-            samples.append({
-                "task_id": record["task_id"],
-                "sample_idx": record["sample_idx"],
-                "completion": record["completion"],
-                "passed": verdict["passed"],
-                "status": verdict["status"],
-                "error": verdict["error"] or None,
-                "gen_seconds": record["gen_seconds"],
-                "exec_seconds": verdict["exec_seconds"],
-            })
-    per_problem: dict[str, list[bool]] = {}
-    for sample in samples:
-        per_problem.setdefault(sample["task_id"], []).append(sample["passed"])
-    gen_seconds = sum(g["gen_seconds"] for g in generations)
-    gen_tokens = sum(g["gen_tokens"] for g in generations)
-    result = {
-        "avg_bits": checkpoint.get("avg_bits"),
-        "n_problems": len(per_problem),
-        "n_samples": max((len(v) for v in per_problem.values()), default=0),
-        "pass_at_1": sum(sum(v) / len(v) for v in per_problem.values()) / max(len(per_problem), 1),
-        "model_bytes": max((g["model_bytes"] for g in generations), default=None),
-        "peak_mem_bytes": max((g["peak_mem_bytes"] for g in generations), default=None),
-        "gen_tokens_per_s": gen_tokens / gen_seconds if gen_seconds else None,
-        "gen_seconds": gen_seconds,
-        "quantize_seconds": checkpoint.get("quantize_seconds"),
-    }
-    return samples, result

@@ -10,7 +10,7 @@ import time
 import pytest
 
 from qrobust.flows.cli import main
-from qrobust.tasks.config import parse_grid
+from qrobust.tasks.grid_file import parse_grid
 from qrobust.tasks.storage.store import connect, write_cell
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from qrobust.tasks.config import parse_grid
+from qrobust.tasks.grid_file import parse_grid
 from qrobust.tasks.storage.store import query
 from qrobust.tasks.runtime.workspace import Workspace
 

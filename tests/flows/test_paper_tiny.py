@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from qrobust.tasks.config import load_grid
+from qrobust.tasks.grid_file import load_grid
 from qrobust.tasks.storage.store import query
 from qrobust.tasks.runtime.workspace import Workspace, read_manifest
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from qrobust.tasks.config import parse_grid
+from qrobust.tasks.grid_file import parse_grid
 from qrobust.tasks.runtime.workspace import Workspace
 from tests.conftest import REPO_ROOT
 from tests.flows.test_cli import _qrobust

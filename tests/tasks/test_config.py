@@ -1,6 +1,7 @@
 import pytest
 
-from qrobust.tasks.config import ConfigError, load_grid, parse_grid
+from qrobust.tasks.config import ConfigError
+from qrobust.tasks.grid_file import load_grid, parse_grid
 
 MINIMAL = """
 [[models]]

@@ -10,7 +10,8 @@ from qrobust.tasks.benchmarks import (
     render_generation_prefix,
     render_prompt,
 )
-from qrobust.tasks.config import BenchmarkSpec, ConfigError, load_grid, parse_grid
+from qrobust.tasks.config import BenchmarkSpec, ConfigError
+from qrobust.tasks.grid_file import load_grid, parse_grid
 
 TWO_MODELS = """
 [[models]]

@@ -5,7 +5,8 @@ import torch
 from safetensors.torch import load_file
 
 from qrobust.tasks.benchmarks import load_problems
-from qrobust.tasks.config import ConfigError, ModelSpec, TinyArchitecture, TrainingSpec, load_grid, parse_grid
+from qrobust.tasks.config import ConfigError, ModelSpec, TinyArchitecture, TrainingSpec
+from qrobust.tasks.grid_file import load_grid, parse_grid
 from qrobust.tasks.models.loading import prepare_model
 from qrobust.tasks.models.tiny import save_tiny
 from qrobust.tasks.models.training import (

@@ -1,4 +1,4 @@
-from qrobust.tasks.config import parse_grid
+from qrobust.tasks.grid_file import parse_grid
 from qrobust.tasks.storage.store import connect, write_cell
 
 GRID = """

@@ -1,0 +1,26 @@
+"""Built-in models a grid can name without describing them: the tiny demo pair and the study's pair."""
+
+from __future__ import annotations
+
+from qrobust.tasks.config import ModelSpec, TinyArchitecture
+
+BUILTIN_MODELS: dict[str, ModelSpec] = {
+    # bfloat16 because gptqmodel's CPU kernels run in half precision: the fp baseline must
+    # run in the same dtype as the quantized models it is compared with.
+    "tiny-ar": ModelSpec(name="tiny-ar", family="ar", tiny=TinyArchitecture(), dtype="bfloat16"),
+    "tiny-diffusion": ModelSpec(name="tiny-diffusion", family="diffusion", tiny=TinyArchitecture(), dtype="bfloat16"),
+    # Both real models take CoDA's published instruct prompts (qrobust.tasks.benchmarks), so the pair is
+    # compared on identical inputs.
+    "qwen3-1.7b": ModelSpec(
+        name="qwen3-1.7b", family="ar", hf_id="Qwen/Qwen3-1.7B", dtype="bfloat16", prompt_style="coda-instruct"
+    ),
+    "coda-1.7b": ModelSpec(
+        name="coda-1.7b",
+        family="diffusion",
+        hf_id="Salesforce/CoDA-v0-Instruct",
+        mask_token_id=151669,
+        dtype="bfloat16",
+        prompt_style="coda-instruct",
+        architecture="coda",
+    ),
+}

@@ -1,0 +1,92 @@
+"""Model preparation stage: the full-precision checkpoint every later stage of a model starts from.
+
+- a tiny model is built here from its config (fixed seed, local tokenizer), and trained when its
+  spec says so (`tasks.models.training`: base checkpoint -> trained checkpoint, in one artifact);
+- a CoDA checkpoint (the hub's, or a tiny one written in CoDA's format) is converted once into a
+  standard Qwen3 checkpoint (`tasks.models.coda`), which every later stage and gptqmodel load;
+- any other hub model is named by its id (`hf_id`) and loaded from the hub where it runs.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from qrobust.tasks.artifacts import PreparedModel
+from qrobust.tasks.config import ConfigError, ModelSpec
+from qrobust.tasks.runtime.stage import Stage, StageContext
+from qrobust.tasks.runtime.workspace import directory_bytes
+
+
+def prepare_model(context: StageContext, spec: ModelSpec) -> PreparedModel:
+    fields = dict(
+        key=context.key, name=spec.name, family=spec.family, dtype=spec.dtype, mask_token_id=spec.mask_token_id,
+        logits_shift=spec.logits_shift, trust_remote_code=spec.trust_remote_code, model_bytes=None,
+    )
+    if spec.training is not None:
+        _check_trainable(spec)
+    if spec.architecture == "coda":
+        return _converted_coda(context.directory, spec, fields)
+    if spec.hf_id is not None:
+        return PreparedModel(**fields, hf_id=spec.hf_id)
+    from qrobust.tasks.models.tiny import save_tiny
+
+    training = None
+    if spec.training is None:
+        save_tiny(spec.tiny, context.directory)
+    else:
+        training = _save_trained_tiny(spec, context.directory)
+    return _with_local_weights(PreparedModel(**fields, training=training), context.directory)
+
+
+def _check_trainable(spec: ModelSpec) -> None:
+    """Training builds on the tiny Qwen3 builder and the completion-style prompts only."""
+    if spec.tiny is None or spec.architecture != "auto" or spec.prompt_style != "completion":
+        raise ConfigError(
+            f"model {spec.name!r}: training applies only to tiny models with architecture 'auto' and prompt_style 'completion'"
+        )
+
+
+def _save_trained_tiny(spec: ModelSpec, directory: Path) -> dict:
+    """Build the base checkpoint inside `directory`, train it into `directory`, drop the base."""
+    import shutil
+
+    from qrobust.tasks.models.tiny import save_tiny
+    from qrobust.tasks.models.training import train_tiny_model, training_problems
+
+    base = directory / "base"
+    save_tiny(spec.tiny, base)
+    stats = train_tiny_model(
+        base, spec.family, spec.training, training_problems(spec.training), spec.training.max_new_tokens,
+        spec.mask_token_id, directory, logits_shift=spec.logits_shift,
+    )
+    shutil.rmtree(base)
+    return stats
+
+
+def _converted_coda(directory: Path, spec: ModelSpec, fields: dict) -> PreparedModel:
+    import tempfile
+
+    from qrobust.tasks.models.coda import convert_coda_checkpoint, write_tiny_coda_checkpoint
+
+    with tempfile.TemporaryDirectory() as tiny:
+        source = spec.hf_id or write_tiny_coda_checkpoint(Path(tiny), spec.tiny)
+        name = spec.hf_id or f"tiny CoDA-format checkpoint, seed {spec.tiny.init_seed}"
+        marker = convert_coda_checkpoint(source, directory, spec.dtype, spec.mask_token_id, source_name=name)
+    fields = {**fields, "mask_token_id": marker["mask_token_id"]}
+    return _with_local_weights(PreparedModel(**fields, conversion=marker), directory)
+
+
+def _with_local_weights(model: PreparedModel, directory: Path) -> PreparedModel:
+    """Its size on disk, and the mask token its tokenizer names when the spec gave none."""
+    import dataclasses
+
+    from transformers import AutoTokenizer
+
+    mask_token_id = model.mask_token_id
+    if model.family == "diffusion" and mask_token_id is None:
+        mask_token_id = AutoTokenizer.from_pretrained(directory).mask_token_id
+    return dataclasses.replace(model, model_bytes=directory_bytes(directory), mask_token_id=mask_token_id)
+
+
+STAGE = Stage("prepare-model", prepare_model, PreparedModel, libraries=("torch", "transformers", "tokenizers"),
+              loads_model=True)
