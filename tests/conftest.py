@@ -15,7 +15,7 @@ os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
 
-from qrobust.tasks.models.loading import set_library_environment  # noqa: E402
+from qrobust.tasks.runtime.environment import set_library_environment  # noqa: E402
 
 set_library_environment()
 
@@ -53,9 +53,9 @@ def tiny_models(tiny_grid, shared_workspace):
     the training is dropped here (tests/tasks/test_training.py covers training)."""
     import dataclasses
 
-    from qrobust.tasks.models.loading import prepare_model
+    from qrobust.tasks.stages.prepare_model import STAGE
 
-    return {m.name: prepare_model(dataclasses.replace(m, training=None), shared_workspace) for m in tiny_grid.models}
+    return {m.name: STAGE.run(shared_workspace, (dataclasses.replace(m, training=None),)) for m in tiny_grid.models}
 
 
 @pytest.fixture(scope="session")

@@ -132,11 +132,27 @@ class Stage:
     def _compute(self, workspace: Workspace, key: str, inputs: tuple, replace: bool) -> Artifact:
         device = DEVICE.held() if self.loads_model else _nothing()
         with device, workspace.new_artifact(self.name, key, replace=replace) as scratch:
+            if self.loads_model:
+                reset_global_random_state()
             artifact = self.function(StageContext(key, scratch, workspace), *inputs)
             if not isinstance(artifact, self.artifact) or artifact.key != key:
                 raise TypeError(f"stage {self.name} returned {artifact!r}, not a {self.artifact.__name__} keyed {key}")
             write_manifest(scratch, artifact)
         return artifact
+
+
+def reset_global_random_state(seed: int = 0) -> None:
+    """Seed the process-wide generators, so that what a stage computes never depends on what ran
+    before it in the same process (gptqmodel, for one, draws from torch's global generator).
+    Only stages holding the device call it, one at a time."""
+    import random
+
+    import numpy
+    import torch
+
+    random.seed(seed)
+    numpy.random.seed(seed)
+    torch.manual_seed(seed)
 
 
 def key_material(value: Any) -> Any:

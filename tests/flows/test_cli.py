@@ -10,6 +10,7 @@ import time
 import pytest
 
 from qrobust.flows.cli import main
+from qrobust.tasks.artifacts import CellResult, SampleRecord
 from qrobust.tasks.grid_file import parse_grid
 from qrobust.tasks.storage.store import connect, write_cell
 
@@ -61,10 +62,10 @@ def test_dry_run_lists_every_cell(capsys):
 def filled_workspace(tmp_path):
     grid = parse_grid('[[models]]\nname="tiny-ar"\n[[methods]]\nname="fp"\n[[benchmarks]]\nname="humaneval"\n')
     cell = grid.cells()[0]
-    sample = {"task_id": "HumanEval/0", "sample_idx": 0, "completion": "pass", "passed": True, "status": "passed",
-              "error": None, "gen_seconds": 0.1, "exec_seconds": 0.1}
-    result = {"avg_bits": 16.0, "n_problems": 1, "n_samples": 1, "pass_at_1": 1.0, "model_bytes": 1,
-              "peak_mem_bytes": 1, "gen_tokens_per_s": 1.0, "gen_seconds": 1.0, "quantize_seconds": 0.0}
+    sample = SampleRecord(task_id="HumanEval/0", sample_idx=0, completion="pass", passed=True, status="passed",
+                          error=None, gen_seconds=0.1, exec_seconds=0.1)
+    result = CellResult(avg_bits=16.0, n_problems=1, n_samples=1, pass_at_1=1.0, model_bytes=1, peak_mem_bytes=1,
+                        gen_tokens_per_s=1.0, gen_seconds=1.0, quantize_seconds=0.0)
     with connect(tmp_path / "results.duckdb") as con:
         write_cell(con, cell, {"config": {}, "status": "done"}, [sample], result)
     return tmp_path

@@ -104,7 +104,7 @@ def test_adding_a_bit_width_computes_only_the_new_cells(first_run):
     computed = _rows(workspace, f"""
         SELECT DISTINCT stage, cell_id FROM stage_events
         WHERE recorded_at > '{marker}' AND state = 'Completed' AND stage IN ('quantize', 'generate')""")
-    new_cells = {c.cell_id for c in grid.cells() if c.method.bits == 8}
+    new_cells = {c.cell_id for c in grid.cells() if c.method.columns["bits"] == 8}
     generated = {cell for stage, cell in computed if stage == "generate"}
     quantized = {cell for stage, cell in computed if stage == "quantize"}
     assert generated == new_cells
@@ -121,7 +121,7 @@ def test_a_run_killed_mid_way_resumes_to_identical_results(first_run, tmp_path):
                "--no-report"]
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                cwd=Path(__file__).resolve().parents[2], start_new_session=True)
-    generations = workspace.root / "artifacts" / "generations"
+    generations = workspace.root / "artifacts" / "generate"
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline and process.poll() is None:
         if generations.exists() and len([p for p in generations.iterdir() if not p.name.startswith(".")]) >= 3:
@@ -162,7 +162,7 @@ max_new_tokens = 8
 """)
     workspace = Workspace.at(tmp_path)
     summary = run_grid(grid, workspace)
-    assert summary == {"done": 1, "failed": 1, "seconds": summary["seconds"]}
+    assert (summary["done"], summary["failed"]) == (1, 1)
     runs = dict(_rows(workspace, "SELECT model, status FROM runs"))
     assert runs == {"tiny-ar": "done", "unreachable": "failed"}
     error = _rows(workspace, "SELECT error FROM runs WHERE model = 'unreachable'")[0][0]

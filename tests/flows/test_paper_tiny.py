@@ -8,7 +8,7 @@ import pytest
 
 from qrobust.tasks.grid_file import load_grid
 from qrobust.tasks.storage.store import query
-from qrobust.tasks.runtime.workspace import Workspace, read_manifest
+from qrobust.tasks.runtime.workspace import Workspace
 
 pytestmark = pytest.mark.slow
 
@@ -49,8 +49,10 @@ def test_each_model_ran_with_its_own_sampler_and_coda_instruct_prompts(finished)
 
 def test_the_diffusion_stand_in_was_converted_from_codas_format(finished):
     _, workspace, _ = finished
-    [directory] = (workspace.root / "artifacts" / "models").glob("tiny-coda-*")
-    marker = read_manifest(directory)["qrobust"]
+    from qrobust.tasks.artifacts import PreparedModel, read_manifest
+
+    prepared = [read_manifest(d, PreparedModel) for d in (workspace.root / "artifacts" / "prepare-model").iterdir()]
+    [marker] = [model.conversion for model in prepared if model.name == "tiny-coda"]
     assert (marker["converted_from"], marker["mask_token_id"], marker["logits_shift"]) == ("CoDA", 2, True)
 
 

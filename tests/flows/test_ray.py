@@ -27,7 +27,7 @@ from tests.flows.test_grid import GRID, _results, _rows, _samples
 
 ray = pytest.importorskip("ray", reason="the Ray extra is not installed: pip install -e '.[ray]'")
 
-GENERATION_WORKER_TITLE = b"ray::generate-shard"
+GENERATION_WORKER_TITLE = b"ray::generate"
 
 
 # --------------------------------------------------------------------------- choosing the runner
@@ -44,7 +44,7 @@ def test_an_unreachable_ray_address_is_a_one_line_error(tmp_path):
 
 def test_a_machine_without_the_gpus_the_grid_asks_for_is_a_one_line_error(tmp_path):
     grid = tmp_path / "grid.toml"
-    grid.write_text(GRID.format(bits=4))
+    grid.write_text(GRID.format(bits=4) + "[scale]\nquantize_gpus = 1\n")
     result = _qrobust("run", str(grid), "--workspace", str(tmp_path / "ws"), "--runner", "ray", timeout=300,
                       env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})  # Ray then finds no GPU here
     assert result.returncode == 2 and "Traceback" not in result.stderr
@@ -56,6 +56,17 @@ def test_a_machine_without_the_gpus_the_grid_asks_for_is_a_one_line_error(tmp_pa
 def test_an_address_without_the_ray_runner_is_a_one_line_error(tmp_path):
     result = _qrobust("run", "tiny", "--workspace", str(tmp_path / "ws"), "--address", "127.0.0.1:6379")
     assert result.returncode == 2 and result.stderr.strip() == "qrobust: error: --address needs --runner ray"
+
+
+@pytest.mark.slow
+def test_the_default_gpu_settings_run_on_a_ray_cluster_without_gpus(tmp_path):
+    grid = tmp_path / "grid.toml"
+    grid.write_text(GRID.format(bits=4))
+    result = _qrobust("run", str(grid), "--workspace", str(tmp_path / "ws"), "--runner", "ray", "--no-report",
+                      timeout=600, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+    assert result.returncode == 0, result.stderr[-3000:]
+    placements = _rows(Workspace.at(tmp_path / "ws"), "SELECT placement FROM stage_events WHERE stage = 'generate'")
+    assert placements and all(json.loads(p)["gpu_ids"] == [] for p, in placements)
 
 
 # --------------------------------------------------------------------------- two runs at once
@@ -203,7 +214,6 @@ def test_generation_and_quantization_each_hold_one_of_the_gpus(ray_run):
 @pytest.mark.slow
 def test_stages_that_load_no_model_hold_no_gpu(ray_run):
     workspace, _, _ = ray_run
-    cpu_only = _placements(workspace, "(stage IN ('execute', 'prepare-model', 'calibration') "
-                                      "OR (stage = 'quantize' AND cell_id LIKE '%/fp'))")
-    assert len(cpu_only) == 8 + 2 + 2 + 2
+    cpu_only = _placements(workspace, "stage IN ('execute', 'prepare-model', 'calibration')")
+    assert len(cpu_only) == 8 + 2 + 2
     assert all("GPU" not in p["resources"] and p["gpu_ids"] == [] for p in cpu_only)

@@ -34,7 +34,7 @@ def test_cell_id_is_stable_and_changes_with_any_setting():
     [
         (MINIMAL.replace("bits = [4]", "bits = [5]"), "bits 5 not allowed for gptq; allowed: 2, 3, 4, 8"),
         (MINIMAL.replace('"tiny-ar"', '"gpt-17"'), "unknown model 'gpt-17'"),
-        (MINIMAL.replace('name = "gptq"', 'name = "awq"'), "unknown method 'awq'; allowed: fp, rtn, gptq, hawq"),
+        (MINIMAL.replace('name = "gptq"', 'name = "awq"'), "unknown method 'awq'; allowed: fp, rtn, gptq, gptaq, hawq"),
         (MINIMAL.replace('"humaneval"', '"apps"'), "unknown benchmark 'apps'; allowed: humaneval, mbpp"),
         (MINIMAL + "\n[generation]\nalg = 'best'\n", "unknown diffusion alg 'best'"),
         (MINIMAL + "\n[generation]\nsteps = 0\n", "steps must be a positive number, got 0"),
@@ -52,7 +52,7 @@ def test_bad_input_gives_one_line_message_naming_the_value(text, fragment):
 
 def test_hawq_needs_budgets_in_range():
     text = MINIMAL.replace('name = "gptq"\nbits = [4]', 'name = "hawq"\nbudgets = [9]')
-    with pytest.raises(ConfigError, match="hawq budget 9.0"):
+    with pytest.raises(ConfigError, match="hawq budget 9 must be"):
         parse_grid(text)
 
 

@@ -139,7 +139,7 @@ def test_model_input_is_the_chat_template_then_the_generation_prefix():
     cell = grid.cells()[0]
     problem = load_problems(cell.benchmark)[0]
     fmt = benchmark_format("humaneval", "coda-instruct")
-    [text] = prompts_for([problem], cell, build_tokenizer(1024))
+    [text] = prompts_for([problem], fmt, build_tokenizer(1024))
     chat = f"<|im_start|>user\n{render_prompt(problem, fmt)}<|im_end|>\n<|im_start|>assistant\n"
     assert text == chat + render_generation_prefix(problem, fmt)
 

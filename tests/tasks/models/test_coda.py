@@ -7,7 +7,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from qrobust.tasks.config import CalibrationSpec, GenerationSpec, MethodSpec, ModelSpec, TinyArchitecture
+from qrobust.tasks.config import CalibrationSpec, GenerationSpec, ModelSpec, TinyArchitecture
+from qrobust.tasks.methods.gptq import GPTQ
+from tests.pipeline import calibrate, prepare, quantize
 from qrobust.tasks.models.coda import (
     CODA_CONFIG_DEFAULTS,
     CodaCheckpointError,
@@ -170,42 +172,40 @@ def test_rope_scaling_codas_code_does_not_implement_is_refused():
 @pytest.fixture(scope="module")
 def pipeline(tmp_path_factory):
     """The tiny CoDA-format model prepared (converted) and GPTQ-quantized by the stages."""
-    from qrobust.tasks.stages.calibration import build_calibration
-    from qrobust.tasks.models.loading import prepare_model
-    from qrobust.tasks.stages.quantize import quantize_model
     from qrobust.tasks.runtime.workspace import Workspace
 
     workspace = Workspace.at(tmp_path_factory.mktemp("coda-workspace"))
-    base = prepare_model(TINY_CODA, workspace)
-    calibration = build_calibration(CalibrationSpec(n_samples=8, seq_len=32), base, workspace)
-    quantized = quantize_model(base, MethodSpec("gptq", bits=4, group_size=32), calibration, workspace)
-    return base, quantized
+    base = prepare(TINY_CODA, workspace)
+    calibration = calibrate(CalibrationSpec(n_samples=8, seq_len=32), base, workspace)
+    quantized = quantize(base, GPTQ(bits=4, group_size=32), calibration, workspace)
+    return workspace, base, quantized
 
 
 def test_prepared_model_is_a_converted_checkpoint_marked_with_how_to_run_it(pipeline):
-    base, _ = pipeline
-    saved = json.loads((Path(base["path"]) / "config.json").read_text())
+    workspace, base, _ = pipeline
+    saved = json.loads((base.directory(workspace) / "config.json").read_text())
     assert saved["model_type"] == "qwen3" and saved["tie_word_embeddings"] is False
-    assert saved["qrobust"] == base["qrobust"]
-    assert base["qrobust"] | {"source": None} == {
+    assert saved["qrobust"] == base.conversion
+    assert base.conversion | {"source": None} == {
         "family": "diffusion", "mask_token_id": 2, "logits_shift": True, "converted_from": "CoDA", "source": None,
     }
-    assert base["mask_token_id"] == 2
+    assert base.mask_token_id == 2
 
 
-def _answers(manifest, prompts):
-    from qrobust.tasks.stages.generate import diffusion_answers
+def _answers(workspace, checkpoint, prompts):
+    from qrobust.tasks.decoding.diffusion import answers
     from qrobust.tasks.models.loading import load_model, load_tokenizer
 
-    model, tokenizer = load_model(manifest, "cpu"), load_tokenizer(manifest)
-    return diffusion_answers(model, tokenizer, prompts, GREEDY, manifest, seed=0)[0]
+    model, tokenizer = load_model(checkpoint, workspace, "cpu"), load_tokenizer(checkpoint, workspace)
+    return answers(model, tokenizer, prompts, GREEDY, checkpoint, seed=0)[0]
 
 
 @pytest.mark.parametrize("stage", ["full precision", "gptq 4-bit"])
 def test_an_answer_generated_in_a_padded_batch_equals_the_answer_generated_alone(pipeline, stage):
-    manifest = pipeline[0] if stage == "full precision" else pipeline[1]
-    together = _answers(manifest, [SHORT_PROMPT, LONG_PROMPT])
-    alone = [_answers(manifest, [SHORT_PROMPT])[0], _answers(manifest, [LONG_PROMPT])[0]]
+    workspace = pipeline[0]
+    checkpoint = pipeline[1] if stage == "full precision" else pipeline[2]
+    together = _answers(workspace, checkpoint, [SHORT_PROMPT, LONG_PROMPT])
+    alone = [_answers(workspace, checkpoint, [SHORT_PROMPT])[0], _answers(workspace, checkpoint, [LONG_PROMPT])[0]]
     assert together == alone
     assert any(together)  # the comparison is between real answers, not empty strings
 
@@ -213,7 +213,7 @@ def test_an_answer_generated_in_a_padded_batch_equals_the_answer_generated_alone
 def test_quantized_model_reloads_with_bidirectional_attention(pipeline):
     from qrobust.tasks.models.loading import load_model
 
-    _, quantized = pipeline
-    model = load_model(quantized, "cpu")
+    workspace, _, quantized = pipeline
+    model = load_model(quantized, workspace, "cpu")
     assert type(model.get_submodule("model.layers.0.mlp.up_proj")).__name__ != "Linear"
     assert attention_is_bidirectional(model)

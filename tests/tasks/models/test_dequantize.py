@@ -11,7 +11,9 @@ differ by rounding only. Allowed: 4 bf16 units in the last place of the largest 
 import pytest
 import torch
 
-from qrobust.tasks.config import CalibrationSpec, MethodSpec, ModelSpec, TinyArchitecture
+from qrobust.tasks.config import CalibrationSpec, ModelSpec, TinyArchitecture
+from qrobust.tasks.methods.gptq import GPTQ
+from tests.pipeline import calibrate, prepare, quantize
 
 BF16_RELATIVE_UNIT = 2.0**-7
 ALLOWED_UNITS = 4
@@ -19,17 +21,25 @@ TINY_AR = ModelSpec(name="tiny-ar-untrained", family="ar", tiny=TinyArchitecture
 
 
 @pytest.fixture(scope="module")
-def quantize(tmp_path_factory):
-    """bits -> the GPTQ checkpoint (group size 32) of an untrained tiny Qwen3 model."""
-    from qrobust.tasks.stages.calibration import build_calibration
-    from qrobust.tasks.models.loading import prepare_model
-    from qrobust.tasks.stages.quantize import quantize_model
+def workspace(tmp_path_factory):
     from qrobust.tasks.runtime.workspace import Workspace
 
-    workspace = Workspace.at(tmp_path_factory.mktemp("dequantize"))
-    base = prepare_model(TINY_AR, workspace)
-    calibration = build_calibration(CalibrationSpec(n_samples=8, seq_len=32), base, workspace)
-    return lambda bits: quantize_model(base, MethodSpec("gptq", bits=bits, group_size=32), calibration, workspace)
+    return Workspace.at(tmp_path_factory.mktemp("dequantize"))
+
+
+@pytest.fixture(scope="module")
+def load(workspace):
+    """(bits, weights) -> the GPTQ checkpoint (group size 32) of an untrained tiny Qwen3 model, loaded."""
+    from qrobust.tasks.models.loading import load_model
+
+    base = prepare(TINY_AR, workspace)
+    calibration = calibrate(CalibrationSpec(n_samples=8, seq_len=32), base, workspace)
+
+    def quantized(bits: int, weights: str = "kernel"):
+        checkpoint = quantize(base, GPTQ(bits=bits, group_size=32), calibration, workspace)
+        return load_model(checkpoint, workspace, "cpu", weights=weights)
+
+    return quantized
 
 
 def _logits(model) -> torch.Tensor:
@@ -43,45 +53,39 @@ def _kernel_names(model) -> set[str]:
             for i in range(2) for name in ("self_attn.q_proj", "mlp.down_proj")}
 
 
-def test_dequantized_model_holds_only_plain_linear_layers(quantize):
+def test_dequantized_model_holds_only_plain_linear_layers(load):
     from gptqmodel.nn_modules.qlinear import BaseQuantLinear
 
-    from qrobust.tasks.models.loading import load_model
 
-    model = load_model(quantize(3), "cpu", weights="dequantized")
+    model = load(3, "dequantized")
     assert not any(isinstance(m, BaseQuantLinear) for m in model.modules())
     linears = [m for m in model.modules() if type(m) is torch.nn.Linear]
     assert len(linears) == 2 * 7 + 1  # seven projections per layer, and lm_head
     assert {m.weight.dtype for m in linears} == {torch.bfloat16}
 
 
-def test_reference_kernel_and_dequantized_weights_give_bit_identical_logits(quantize):
-    from qrobust.tasks.models.loading import load_model
+def test_reference_kernel_and_dequantized_weights_give_bit_identical_logits(load):
 
-    checkpoint = quantize(3)
-    kernel = load_model(checkpoint, "cpu")
+    kernel = load(3)
     assert _kernel_names(kernel) == {"TorchLinear"}
     expected = _logits(kernel)
-    assert torch.equal(_logits(load_model(checkpoint, "cpu", weights="dequantized")), expected)
+    assert torch.equal(_logits(load(3, "dequantized")), expected)
 
 
-def test_int4_kernel_and_dequantized_logits_agree_within_bf16_rounding(quantize):
-    from qrobust.tasks.models.loading import load_model
+def test_int4_kernel_and_dequantized_logits_agree_within_bf16_rounding(load):
 
-    checkpoint = quantize(4)
-    kernel = load_model(checkpoint, "cpu")
+    kernel = load(4)
     assert _kernel_names(kernel) == {"TorchAtenLinear"}
     expected = _logits(kernel)
-    dequantized = _logits(load_model(checkpoint, "cpu", weights="dequantized"))
+    dequantized = _logits(load(4, "dequantized"))
     allowed = ALLOWED_UNITS * BF16_RELATIVE_UNIT * expected.abs().max()
     assert (dequantized - expected).abs().max() <= allowed
 
 
 @pytest.mark.parametrize("bits", [2, 3])
-def test_each_weight_group_holds_at_most_two_to_the_bits_distinct_values(quantize, bits):
-    from qrobust.tasks.models.loading import load_model
+def test_each_weight_group_holds_at_most_two_to_the_bits_distinct_values(load, bits):
 
-    weight = load_model(quantize(bits), "cpu", weights="dequantized").get_submodule("model.layers.0.mlp.up_proj").weight
+    weight = load(bits, "dequantized").get_submodule("model.layers.0.mlp.up_proj").weight
     groups = weight.reshape(weight.shape[0], -1, 32)  # [out, in / group_size, group_size]
     distinct = max(len(torch.unique(group)) for row in groups for group in row)
     assert 2 < distinct <= 2**bits
@@ -91,11 +95,10 @@ def test_a_full_precision_checkpoint_has_nothing_to_dequantize(tmp_path):
     from qrobust.tasks.models.dequantize import dequantized_model
 
     with pytest.raises(ValueError, match="is not quantized"):
-        dequantized_model({"path": str(tmp_path), "quantized": False, "dtype": "bfloat16"})
+        dequantized_model(tmp_path, "bfloat16")
 
 
-def test_unknown_weights_mode_is_named_with_the_allowed_ones(quantize):
-    from qrobust.tasks.models.loading import load_model
+def test_unknown_weights_mode_is_named_with_the_allowed_ones(load):
 
     with pytest.raises(ValueError, match="unknown weights mode 'fast'; allowed: kernel, dequantized"):
-        load_model(quantize(3), "cpu", weights="fast")
+        load(3, "fast")

@@ -5,9 +5,10 @@ import torch
 from safetensors.torch import load_file
 
 from qrobust.tasks.benchmarks import load_problems
+from qrobust.tasks.benchmarks import benchmark_format
 from qrobust.tasks.config import ConfigError, ModelSpec, TinyArchitecture, TrainingSpec
 from qrobust.tasks.grid_file import load_grid, parse_grid
-from qrobust.tasks.models.loading import prepare_model
+from tests.pipeline import prepare as prepare_model
 from qrobust.tasks.models.tiny import save_tiny
 from qrobust.tasks.models.training import (
     ar_batch,
@@ -147,7 +148,8 @@ def test_training_sequences_are_the_generation_prompts_followed_by_the_reference
     for benchmark in grid.benchmarks:
         selected = [p for p in problems if p.benchmark == benchmark.name]
         cell = next(c for c in grid.cells() if c.benchmark == benchmark)
-        for problem, prompt in zip(selected, prompts_for(selected, cell, tokenizer)):
+        fmt = benchmark_format(benchmark.name, cell.model.prompt_style)
+        for problem, prompt in zip(selected, prompts_for(selected, fmt, tokenizer)):
             sequence = sequences[problem.task_id]
             assert list(sequence.prompt_ids) == tokenizer(prompt, add_special_tokens=False)["input_ids"]
             assert tokenizer.decode(sequence.answer_ids[:-1]) == completion_text(problem)
@@ -193,14 +195,14 @@ def test_prepare_model_trains_once_and_then_returns_the_cached_checkpoint(tmp_pa
 
     workspace = Workspace.at(tmp_path)
     first = prepare_model(trained_spec("diffusion"), workspace)
-    assert first["training"]["steps"] == 3
+    assert first.training["steps"] == 3
 
     def must_not_train(*args, **kwargs):
         raise AssertionError("the cached checkpoint was retrained")
 
     monkeypatch.setattr(qrobust.tasks.models.training, "train_tiny_model", must_not_train)
     assert prepare_model(trained_spec("diffusion"), workspace) == first
-    assert not (tmp_path / "artifacts" / "models" / first["key"] / "base").exists()
+    assert not (first.directory(workspace) / "base").exists()
 
 
 def test_a_failed_training_leaves_no_model_artifact(tmp_path, monkeypatch):
@@ -212,7 +214,7 @@ def test_a_failed_training_leaves_no_model_artifact(tmp_path, monkeypatch):
     monkeypatch.setattr(qrobust.tasks.models.training, "train_tiny_model", interrupted)
     with pytest.raises(KeyboardInterrupt):
         prepare_model(trained_spec("ar"), Workspace.at(tmp_path))
-    assert list((tmp_path / "artifacts" / "models").iterdir()) == []
+    assert list((tmp_path / "artifacts" / "prepare-model").iterdir()) == []
 
 
 def test_training_a_hub_model_is_refused_with_a_clear_error(tmp_path):

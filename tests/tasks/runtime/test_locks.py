@@ -7,17 +7,20 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 
-from qrobust.tasks.runtime.locks import WorkspaceLockManager
+import pytest
+
+from qrobust.tasks.runtime.locks import FifoLock, is_locked, key_lock
 
 HOLD_A_LOCK = textwrap.dedent("""
     import sys, time
     from pathlib import Path
-    from qrobust.tasks.runtime.locks import WorkspaceLockManager
-    WorkspaceLockManager(Path(sys.argv[1])).acquire_lock("key", holder="other process")
-    Path(sys.argv[2]).touch()
-    time.sleep(60)
+    from qrobust.tasks.runtime.locks import key_lock
+    with key_lock(Path(sys.argv[1]), "key"):
+        Path(sys.argv[2]).touch()
+        time.sleep(60)
 """)
 
 
@@ -31,23 +34,24 @@ def _locked_elsewhere(directory, tmp_path) -> subprocess.Popen:
     return holder
 
 
-def test_a_key_has_one_holder_at_a_time(tmp_path):
-    locks = WorkspaceLockManager(tmp_path)
-    assert locks.acquire_lock("key", holder="a")
-    assert locks.is_locked("key") and locks.is_lock_holder("key", "a") and not locks.is_lock_holder("key", "b")
-    assert not locks.acquire_lock("key", holder="b", acquire_timeout=0.3)
-    locks.release_lock("key", holder="a")
-    assert not locks.is_locked("key")
-    assert locks.acquire_lock("key", holder="b", acquire_timeout=0.3)
-    locks.release_lock("key", holder="b")
+def test_a_key_has_one_holder_at_a_time_even_within_one_process(tmp_path):
+    with key_lock(tmp_path, "key"):
+        assert is_locked(tmp_path, "key")
+        with pytest.raises(TimeoutError, match="stayed held"):
+            with key_lock(tmp_path, "key", timeout_s=0.3):
+                pass
+    assert not is_locked(tmp_path, "key")
+    with key_lock(tmp_path, "key", timeout_s=0.3):
+        pass
 
 
 def test_a_lock_held_by_another_process_is_waited_for(tmp_path):
     holder = _locked_elsewhere(tmp_path / "locks", tmp_path)
     try:
-        locks = WorkspaceLockManager(tmp_path / "locks")
-        assert locks.is_locked("key")
-        assert not locks.acquire_lock("key", holder="here", acquire_timeout=0.3)
+        assert is_locked(tmp_path / "locks", "key")
+        with pytest.raises(TimeoutError):
+            with key_lock(tmp_path / "locks", "key", timeout_s=0.3):
+                pass
     finally:
         holder.kill()
         holder.wait()
@@ -57,14 +61,28 @@ def test_a_holder_killed_with_sigkill_releases_its_lock(tmp_path):
     holder = _locked_elsewhere(tmp_path / "locks", tmp_path)
     os.kill(holder.pid, signal.SIGKILL)
     holder.wait()
-    locks = WorkspaceLockManager(tmp_path / "locks")
-    assert not locks.is_locked("key")
-    assert locks.acquire_lock("key", holder="here", acquire_timeout=5)
-    locks.release_lock("key", holder="here")
+    assert not is_locked(tmp_path / "locks", "key")
+    with key_lock(tmp_path / "locks", "key", timeout_s=5):
+        pass
 
 
-def test_the_lock_manager_travels_to_other_processes_by_its_directory(tmp_path):
-    import pickle
+def test_the_fifo_lock_is_granted_in_the_order_it_was_asked_for():
+    lock, order, started = FifoLock(), [], []
 
-    locks = WorkspaceLockManager(tmp_path)
-    assert pickle.loads(pickle.dumps(locks)) == locks
+    def worker(index: int) -> None:
+        started.append(index)
+        with lock.held():
+            order.append(index)
+
+    with lock.held():
+        threads = []
+        for index in range(5):
+            thread = threading.Thread(target=worker, args=(index,))
+            thread.start()
+            while len(started) <= index:  # each asks before the next starts
+                time.sleep(0.01)
+            time.sleep(0.05)
+            threads.append(thread)
+    for thread in threads:
+        thread.join()
+    assert order == [0, 1, 2, 3, 4]

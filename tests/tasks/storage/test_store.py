@@ -1,3 +1,4 @@
+from qrobust.tasks.artifacts import CellResult, SampleRecord
 from qrobust.tasks.grid_file import parse_grid
 from qrobust.tasks.storage.store import connect, write_cell
 
@@ -13,13 +14,13 @@ limit = 2
 
 
 def _sample(task_id, passed):
-    return {"task_id": task_id, "sample_idx": 0, "completion": "x", "passed": passed,
-            "status": "passed" if passed else "failed", "error": None, "gen_seconds": 0.1, "exec_seconds": 0.2}
+    return SampleRecord(task_id=task_id, sample_idx=0, completion="x", passed=passed,
+                        status="passed" if passed else "failed", error=None, gen_seconds=0.1, exec_seconds=0.2)
 
 
 def _result(pass_at_1):
-    return {"avg_bits": 16.0, "n_problems": 2, "n_samples": 1, "pass_at_1": pass_at_1, "model_bytes": 10,
-            "peak_mem_bytes": 20, "gen_tokens_per_s": 5.0, "gen_seconds": 1.0, "quantize_seconds": 0.0}
+    return CellResult(avg_bits=16.0, n_problems=2, n_samples=1, pass_at_1=pass_at_1, model_bytes=10,
+                      peak_mem_bytes=20, gen_tokens_per_s=5.0, gen_seconds=1.0, quantize_seconds=0.0)
 
 
 def test_writing_a_cell_twice_replaces_its_rows(tmp_path):
