@@ -24,8 +24,22 @@ REGISTRY = {
 }
 
 
+# The method every quantized cell is compared with (the store's statistics views and the report).
+BASELINE = "fp"
+
+
 def method_names() -> tuple[str, ...]:
     return tuple(REGISTRY)
+
+
+def mixed_precision_methods() -> tuple[str, ...]:
+    """Methods that choose bits per layer (HAWQ-style): the report draws their allocations."""
+    return tuple(name for name in REGISTRY if method_class(name).needs_curvature)
+
+
+def plot_style(name: str) -> tuple[str, str]:
+    """(marker, line style) of a method's curves; a method no longer registered gets a plain one."""
+    return method_class(name).plot_style if name in REGISTRY else ("x", "-.")
 
 
 def method_class(name: str):

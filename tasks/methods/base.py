@@ -21,6 +21,8 @@ class Method:
     - `quantizes`: False for the full-precision baseline, which skips quantization.
     - `list_setting`: a grid key that takes a list and expands into one method per value
       (`bits = [2, 4]`), with the field each value fills.
+    - `plot_style`: (marker, line style) of its curves in the report.
+    - `compared_with`: for a mixed-precision method, the uniform method the report sets it beside.
     """
 
     name: ClassVar[str]
@@ -29,6 +31,8 @@ class Method:
     needs_curvature: ClassVar[bool] = False
     quantizes: ClassVar[bool] = True
     list_setting: ClassVar[tuple[str, str] | None] = None
+    plot_style: ClassVar[tuple[str, str]] = ("x", "-.")
+    compared_with: ClassVar[str | None] = None
 
     @property
     def columns(self) -> dict[str, Any]:

@@ -13,6 +13,7 @@ from qrobust.tasks.methods.gptq import GPTQ
 @dataclass(frozen=True, kw_only=True)
 class GPTAQ(GPTQ):
     name = "gptaq"
+    plot_style = ("D", "-")
     report_name = "GPTAQ"
     alpha: float = 0.25  # weight of the asymmetric (input-error) term
 

@@ -10,6 +10,7 @@ from qrobust.tasks.methods.base import GPTQ_BITS, GroupwiseMethod, check_bits
 @dataclass(frozen=True, kw_only=True)
 class GPTQ(GroupwiseMethod):
     name = "gptq"
+    plot_style = ("o", "-")
     report_name = "GPTQ"
     needs_calibration = True
     list_setting = ("bits", "bits")

@@ -27,9 +27,11 @@ class CurvatureSettings:
 @dataclass(frozen=True, kw_only=True)
 class HAWQ(GroupwiseMethod):
     name = "hawq"
+    plot_style = ("^", "--")
     report_name = "HAWQ"
     needs_calibration = True
     needs_curvature = True
+    compared_with = "gptq"
     list_setting = ("budgets", "budget")
     budget: float
     estimator: str = "hutchinson"

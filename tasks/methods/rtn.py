@@ -10,6 +10,7 @@ from qrobust.tasks.methods.base import GPTQ_BITS, GroupwiseMethod, check_bits
 @dataclass(frozen=True, kw_only=True)
 class RTN(GroupwiseMethod):
     name = "rtn"
+    plot_style = ("s", ":")
     report_name = "RTN"
     list_setting = ("bits", "bits")
     bits: int

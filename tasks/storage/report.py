@@ -17,15 +17,12 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from qrobust.tasks.methods import BASELINE, method_class, mixed_precision_methods, plot_style
+
 # pass@k columns shown beside pass@1 when the cells have enough samples per problem.
 REPORTED_KS = (5, 10, 20, 50, 100)
 # Module kinds in the order of a decoder layer; anything else is appended after them.
 MODULE_KINDS = ("q", "k", "v", "o", "gate", "up", "down")
-METHOD_STYLES = {  # (marker, line style); fp is drawn as a reference line
-    "gptq": ("o", "-"),
-    "rtn": ("s", ":"),
-    "hawq": ("^", "--"),
-}
 NONE = "_none_\n"
 STATS_MISSING = "_statistics not computed for this store (they are refreshed at the end of `qrobust run`)_\n"
 
@@ -172,7 +169,7 @@ def _pass_at_1_points(con):
     return con.execute(
         f"""
         SELECT r.cell_id, r.model, r.family, r.method, r.bits, r.budget,
-               CASE WHEN r.method = 'fp' THEN coalesce(r.avg_bits, 16.0) ELSE coalesce(r.avg_bits, r.bits, r.budget) END
+               CASE WHEN r.method = '{BASELINE}' THEN coalesce(r.avg_bits, 16.0) ELSE coalesce(r.avg_bits, r.bits, r.budget) END
                    AS avg_bits,
                r.benchmark, r.n_problems, r.n_samples, {columns},
                r.model_bytes, r.gen_tokens_per_s,
@@ -298,7 +295,7 @@ def _accuracy_vs_bits_plot(points, colours, methods=None) -> bytes:
     for ax, benchmark in zip(axes, benchmarks):
         part = points[points["benchmark"] == benchmark]
         for (model, method), group in part.groupby(["model", "method"], sort=True):
-            if methods is not None and method not in methods and method != "fp":
+            if methods is not None and method not in methods and method != BASELINE:
                 continue
             _draw_method_curve(ax, group.sort_values("avg_bits"), model, method, colours.get(model))
         ax.set_title(benchmark)
@@ -313,11 +310,11 @@ def _accuracy_vs_bits_plot(points, colours, methods=None) -> bytes:
 
 def _draw_method_curve(ax, group, model, method, colour) -> None:
     x, y = group["avg_bits"].astype(float), group["pass_at_1"].astype(float)
-    if method == "fp":
+    if method == BASELINE:  # the reference line
         ax.axhline(y.iloc[0], color=colour, linestyle=":", linewidth=1)
-        ax.plot(x, y, "*", color=colour, markersize=11, label=f"{model} fp")
+        ax.plot(x, y, "*", color=colour, markersize=11, label=f"{model} {BASELINE}")
         return
-    marker, line = METHOD_STYLES.get(method, ("x", "-."))
+    marker, line = plot_style(method)
     ax.plot(x, y, marker=marker, linestyle=line, color=colour, label=f"{model} {method}")
     low, high = group["ci_low"].astype(float), group["ci_high"].astype(float)
     if low.notna().all() and len(group) > 1:
@@ -377,7 +374,7 @@ def _degradation_plot(df, colours) -> bytes:
             group = group.sort_values("avg_bits")
             x, y = group["avg_bits"].astype(float), group["delta_pass_at_1"].astype(float)
             low, high = group["delta_ci_low"].astype(float), group["delta_ci_high"].astype(float)
-            marker, line = METHOD_STYLES.get(method, ("x", "-."))
+            marker, line = plot_style(method)
             errors = None if low.isna().any() else [(y - low).clip(lower=0), (high - y).clip(lower=0)]
             ax.errorbar(x, y, yerr=errors, marker=marker, linestyle=line, color=colours.get(model), capsize=3,
                         label=f"{model} ({family}) {method}")
@@ -427,7 +424,7 @@ def _frontier_plot(points, x_column: str, x_label: str, colours) -> bytes:
         for model, group in part.groupby("model", sort=True):
             colour = colours.get(model)
             for method, cells in group.groupby("method", sort=True):
-                marker = "*" if method == "fp" else METHOD_STYLES.get(method, ("x",))[0]
+                marker = "*" if method == BASELINE else plot_style(method)[0]
                 ax.plot(cells[x_column], cells["pass_at_1"], marker, color=colour, linestyle="none",
                         label=f"{model} {method}")
             x, y = group[x_column].astype(float).tolist(), group["pass_at_1"].astype(float).tolist()
@@ -544,9 +541,9 @@ def hawq_allocation_section(con) -> Section | None:
         """
         SELECT r.model, r.budget, r.benchmark, b.module, b.bits
         FROM layer_bits b JOIN runs r USING (cell_id)
-        WHERE r.method = 'hawq' AND r.status = 'done'
+        WHERE list_contains(?, r.method) AND r.status = 'done'
         ORDER BY r.model, r.budget, r.benchmark
-        """
+        """, [list(mixed_precision_methods())]
     ).df()
     title = "HAWQ per-layer bit allocation"
     if df.empty:
@@ -663,13 +660,17 @@ def _trace_plot(df, families) -> bytes:
 
 def hawq_vs_gptq_section(con) -> Section | None:
     points = _pass_at_1_points(con)
-    if points is None or not (points["method"] == "hawq").any():
+    mixed = [m for m in mixed_precision_methods() if points is not None and (points["method"] == m).any()]
+    if not mixed:
         return None
-    text = ("HAWQ mixed-precision budgets (dashed, triangles) beside uniform GPTQ (solid, circles) at the same "
-            "average bits, with fp as the reference line.\n")
-    figure = _accuracy_vs_bits_plot(points, model_colours(_family_of(con)), methods={"hawq", "gptq"})
-    return Section("HAWQ against uniform GPTQ", text, [("pass@1 against average bits: HAWQ budgets vs uniform GPTQ",
-                                                        figure)])
+    pairs = [(method_class(m).report_name, method_class(method_class(m).compared_with).report_name, m) for m in mixed]
+    names = " and ".join(f"{mixed_name} against uniform {uniform}" for mixed_name, uniform, _ in pairs)
+    text = (f"{names}: mixed-precision budgets (dashed) beside the uniform method (solid) at the same average "
+            f"bits, with {BASELINE} as the reference line.\n")
+    shown = {m for _, _, m in pairs} | {method_class(m).compared_with for m in mixed}
+    figure = _accuracy_vs_bits_plot(points, model_colours(_family_of(con)), methods=shown)
+    return Section(f"{pairs[0][0]} against uniform {pairs[0][1]}", text,
+                   [(f"pass@1 against average bits: {names}", figure)])
 
 
 # --------------------------------------------------------------------------- 8. failures
@@ -762,9 +763,9 @@ def _compact(value) -> str:
 
 def _method_text(row, method_config) -> str:
     label = setting_label(row.method, row.bits, row.budget)
-    if row.method == "fp" or not isinstance(method_config, dict):
+    if row.method == BASELINE or not isinstance(method_config, dict):
         return label
-    return f"{label} ({_settings_text(method_config, skip=('name', 'bits', 'budget'))})"
+    return f"{label} ({_settings_text(method_config, skip=('type', 'name', 'bits', 'budget'))})"
 
 
 # --------------------------------------------------------------------------- assembly

@@ -53,6 +53,7 @@ from dataclasses import asdict
 
 import pandas as pd
 
+from qrobust.tasks.methods import BASELINE
 from qrobust.tasks.numerics import stats
 
 # Tolerance when checking that stored statistics still match the SQL point
@@ -87,14 +88,14 @@ _VIEWS = {
         FROM samples
         GROUP BY cell_id, task_id""",
     # Each reported quantized cell with the fp cell it is compared against.
-    "fp_baselines": """
+    "fp_baselines": f"""
         SELECT q.cell_id, f.cell_id AS fp_cell_id, q.model, q.family, q.method, q.bits,
                q.budget, q.avg_bits, q.benchmark
         FROM results q
         JOIN results f
-          ON f.method = 'fp' AND f.model = q.model AND f.benchmark = q.benchmark
+          ON f.method = '{BASELINE}' AND f.model = q.model AND f.benchmark = q.benchmark
          AND f.n_samples IS NOT DISTINCT FROM q.n_samples
-        WHERE q.method <> 'fp'""",
+        WHERE q.method <> '{BASELINE}'""",
     # Per-problem paired outcomes of each quantized cell and its fp cell (common problems only).
     "degradation_problems": """
         SELECT b.cell_id, b.fp_cell_id, q.task_id,
