@@ -15,6 +15,14 @@ Nothing heavy is imported until a function needs it.
 from __future__ import annotations
 
 from importlib.metadata import PackageNotFoundError, version as _version
+from pathlib import Path as _Path
+
+# A source checkout keeps the subpackages beside this folder (the design card's layout): search
+# there too, so that any checkout (a copy, a second worktree) imports its own code. A wheel has
+# them inside this folder and no pyproject.toml beside it.
+_CHECKOUT = _Path(__file__).resolve().parent.parent
+if (_CHECKOUT / "pyproject.toml").is_file() and (_CHECKOUT / "tasks" / "__init__.py").is_file():
+    __path__.append(str(_CHECKOUT))
 
 try:
     __version__ = _version("qrobust")
