@@ -175,7 +175,7 @@ def cmd_status(args) -> int:
         SELECT r.cell_id, r.model, r.method, coalesce(CAST(r.bits AS VARCHAR), CAST(r.budget AS VARCHAR), '') AS size,
                r.benchmark, r.status, r.error,
                (SELECT string_agg(DISTINCT l.state, ', ') FROM latest l WHERE l.cell_id = r.cell_id) AS shards,
-               res.pass_at_1
+               res.pass_at_1, r.environment_id
         FROM runs r LEFT JOIN results res USING (cell_id)
         ORDER BY r.model, r.benchmark, r.method, size""")
     plans = freshness = None
@@ -188,14 +188,14 @@ def cmd_status(args) -> int:
         in_grid = {p.cell.cell_id for p in plans}
         runs = runs[runs["cell_id"].isin(in_grid)]
     table = Table(title=f"cells in {workspace.store_path}")
-    columns = ["cell", "model", "method", "bits/budget", "benchmark", "status", "last shard states", "pass@1"]
+    columns = ["cell", "model", "method", "bits/budget", "benchmark", "status", "last shard states", "pass@1", "env"]
     for column in (*columns, *(["cache"] if freshness is not None else []), "error"):
         table.add_column(column, overflow="fold")
     for row in runs.itertuples(index=False):
         pass_at_1 = "" if row.pass_at_1 != row.pass_at_1 or row.pass_at_1 is None else f"{row.pass_at_1:.3f}"
         cache = [freshness.get(row.cell_id, "")] if freshness is not None else []
         table.add_row(row.cell_id[:8], row.model, row.method, row.size, row.benchmark, row.status,
-                      row.shards or "", pass_at_1, *cache, (row.error or "")[:120])
+                      row.shards or "", pass_at_1, row.environment_id or "", *cache, (row.error or "")[:120])
     if plans is not None:
         done = set(runs["cell_id"])
         for plan in plans:
@@ -203,12 +203,33 @@ def cmd_status(args) -> int:
             if cell.cell_id not in done:
                 size = cell.method.columns["bits"] or cell.method.columns["budget"] or ""
                 table.add_row(cell.cell_id[:8], cell.model.name, cell.method.name, str(size), cell.benchmark.name,
-                              "pending", "", "", "", "")
-    Console(width=200).print(table)
+                              "pending", "", "", "", "", "")
+    console = Console(width=200)
+    console.print(table)
+    _print_environments(console, workspace.store_path)
     if freshness is not None:
         stale = sum(value.startswith("stale") for value in freshness.values())
         print(f"{stale} of {len(freshness)} stored cells are stale: `qrobust run {args.grid}` recomputes what changed")
     return 0
+
+
+def _print_environments(console, store_path) -> None:
+    """The environments the listed cells were generated in (`qrobust sql "SELECT * FROM environments"`)."""
+    from rich.table import Table
+
+    from qrobust.tasks.storage.store import query
+
+    environments = query(store_path, """
+        SELECT environment_id, qrobust, git_commit, torch, transformers, gptqmodel, device, cpu_capability, threads,
+               dtype FROM environments ORDER BY environment_id""")
+    if environments.empty:
+        return
+    table = Table(title="environments (software and machine of each env)")
+    for column in environments.columns:
+        table.add_column(column, overflow="fold")
+    for row in environments.itertuples(index=False):
+        table.add_row(*("" if value is None else str(value) for value in row))
+    console.print(table)
 
 
 def cmd_sql(args) -> int:

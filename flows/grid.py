@@ -317,8 +317,11 @@ class GridRun:
         stage_keys = [{"stage": c.stage.name, "shard": c.shard, "key": c.key} for c in plan.calls]
         checkpoint = self.outcomes.get(plan.checkpoint)
         module_bits = checkpoint.module_bits if hasattr(checkpoint, "module_bits") else {}
+        generated = [self.outcomes.get(g) for g, _ in plan.shards]
         return {"config": config, "status": status, "error": error, "sandbox": sandbox, "stage_keys": stage_keys,
-                "module_bits": module_bits}
+                "module_bits": module_bits,
+                "environments": [g.environment for g in generated if getattr(g, "environment", None)],
+                "quantize_environment": getattr(checkpoint, "environment", None)}
 
     def record_failure(self, cell: Cell, error: str) -> None:
         from qrobust.tasks.storage.store import record_event, write_cell

@@ -138,8 +138,9 @@ class QuantizedCheckpoint(Checkpoint):
     method: str  # the method's label
     weight_bits: float  # parameter-weighted mean over the quantized modules
     layer_bits: dict[str, int]  # read back from the saved tensors
-    seconds: dict[str, float]  # quantize / pack / save, as the quantizer reports them
+    seconds: dict[str, float]  # load / quantize (packing included) / save
     allocated_bits: dict[str, int] | None = None
+    environment: dict | None = None  # where it was quantized (tasks.runtime.provenance)
 
     @property
     def avg_bits(self) -> float:
@@ -196,6 +197,7 @@ class GeneratedShard(Artifact):
     peak_mem_bytes: int
     model_bytes: int | None
     device: str
+    environment: dict | None = None  # where the answers were generated (tasks.runtime.provenance)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "task_ids", tuple(self.task_ids))  # JSON gives a list

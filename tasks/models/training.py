@@ -294,6 +294,54 @@ def train_tiny_model(
     return stats | {"base_weights_sha256": base_weights_sha256(base_checkpoint_dir)}
 
 
+# The numeric environment training runs in, in a process of its own: the same kernels on any
+# x86-64 CPU. ATen's generic (unvectorised) kernels instead of the widest the CPU offers, MKL's
+# reproducible code path, oneDNN capped at SSE4.1 and one thread: a float sum split over vector
+# lanes or threads rounds differently with another lane width or thread count, and the trained
+# weights decide every number of the demo grid. It costs about 2.3x the training time.
+PORTABLE_NUMERICS = {
+    "ATEN_CPU_CAPABILITY": "default",
+    "MKL_CBWR": "COMPATIBLE",
+    "ONEDNN_MAX_CPU_ISA": "SSE41",
+    "OMP_NUM_THREADS": str(TRAINING_THREADS),
+    "MKL_NUM_THREADS": str(TRAINING_THREADS),
+}
+
+
+def train_in_portable_process(base_checkpoint_dir: Path, family: str, spec: TrainingSpec, max_new_tokens: int,
+                              mask_token_id: int | None, out_dir: Path, logits_shift: bool = True) -> dict:
+    """`train_tiny_model` on `training_problems(spec)`, run in a new Python process with
+    PORTABLE_NUMERICS (they only take effect when set before torch starts); returns its stats."""
+    import dataclasses
+    import json
+    import os
+    import subprocess
+    import sys
+
+    import qrobust
+
+    request = {"base": str(base_checkpoint_dir), "family": family, "spec": dataclasses.asdict(spec),
+               "max_new_tokens": max_new_tokens, "mask_token_id": mask_token_id, "out": str(out_dir),
+               "logits_shift": logits_shift}
+    package_root = str(Path(qrobust.__file__).resolve().parent.parent)  # this very qrobust, in the child too
+    python_path = os.pathsep.join(p for p in (package_root, os.environ.get("PYTHONPATH")) if p)
+    finished = subprocess.run(
+        [sys.executable, "-m", "qrobust.tasks.models.training", json.dumps(request)],
+        env={**os.environ, **PORTABLE_NUMERICS, "PYTHONPATH": python_path}, stdout=subprocess.PIPE, text=True,
+    )
+    if finished.returncode != 0:
+        raise RuntimeError(f"training {family} failed in its process (exit {finished.returncode}); see the output above")
+    return json.loads(finished.stdout.strip().splitlines()[-1])
+
+
+def _train_from_request(request: dict) -> dict:
+    spec = TrainingSpec(**{k: tuple(v) if isinstance(v, list) else v for k, v in request["spec"].items()})
+    return train_tiny_model(
+        Path(request["base"]), request["family"], spec, training_problems(spec), request["max_new_tokens"],
+        request["mask_token_id"], Path(request["out"]), logits_shift=request["logits_shift"],
+    )
+
+
 def base_weights_sha256(checkpoint_dir: Path) -> str:
     """Content hash of a checkpoint's weight files: equal hashes show that two trained models
     started from the same initial weights."""
@@ -313,3 +361,13 @@ def training_stats(losses: list[float], sequences: list[TrainingSequence], secon
         "n_sequences": len(sequences),
         "task_ids": [s.task_id for s in sequences],
     }
+
+
+if __name__ == "__main__":
+    import json
+    import sys
+
+    from qrobust.tasks.runtime.environment import set_library_environment
+
+    set_library_environment()
+    print(json.dumps(_train_from_request(json.loads(sys.argv[1]))))

@@ -26,6 +26,7 @@ NOT_RESULT_CODE = frozenset({
     "qrobust.tasks.runtime.fingerprint",
     "qrobust.tasks.runtime.locks",
     "qrobust.tasks.runtime.workspace",
+    "qrobust.tasks.runtime.provenance",  # describes where a result was made, never what it is
 })
 
 

@@ -22,6 +22,7 @@ from qrobust.tasks.benchmarks import (
 )
 from qrobust.tasks.config import GenerationSpec
 from qrobust.tasks.decoding import decoder, decoder_module
+from qrobust.tasks.runtime.provenance import environment
 from qrobust.tasks.runtime.stage import Stage, StageContext
 
 COMPLETIONS = "completions.jsonl"
@@ -96,6 +97,7 @@ def generate_shard(context: StageContext, shard: ProblemShard, prompt_style: str
         # a full-precision model is measured as it runs (its file may hold another dtype)
         model_bytes=checkpoint.model_bytes if checkpoint.quantized else model_parameter_bytes(model),
         device=device,
+        environment=environment(device, checkpoint.dtype),
     )
 
 

@@ -51,13 +51,13 @@ def _save_trained_tiny(spec: ModelSpec, directory: Path) -> dict:
     import shutil
 
     from qrobust.tasks.models.tiny import save_tiny
-    from qrobust.tasks.models.training import train_tiny_model, training_problems
+    from qrobust.tasks.models.training import train_in_portable_process
 
     base = directory / "base"
     save_tiny(spec.tiny, base)
-    stats = train_tiny_model(
-        base, spec.family, spec.training, training_problems(spec.training), spec.training.max_new_tokens,
-        spec.mask_token_id, directory, logits_shift=spec.logits_shift,
+    stats = train_in_portable_process(
+        base, spec.family, spec.training, spec.training.max_new_tokens, spec.mask_token_id, directory,
+        logits_shift=spec.logits_shift,
     )
     shutil.rmtree(base)
     return stats

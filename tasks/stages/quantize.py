@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 from qrobust.tasks.artifacts import BitAllocation, CalibrationSet, PreparedModel, QuantizedCheckpoint
+from qrobust.tasks.runtime.provenance import environment
 from qrobust.tasks.runtime.stage import Stage, StageContext
 from qrobust.tasks.runtime.workspace import directory_bytes
 
@@ -92,7 +93,15 @@ def quantize_model(context: StageContext, prepared: PreparedModel, method, calib
         method=method.label, weight_bits=average_bits(context.directory),
         layer_bits=quantized_module_bits(context.directory), seconds=seconds,
         allocated_bits=allocation.bits if allocation else None,
+        environment=environment(quantization_device(), prepared.dtype),
     )
+
+
+def quantization_device() -> str:
+    """Where gptqmodel quantizes: the first GPU when there is one."""
+    from qrobust.tasks.runtime.environment import default_device
+
+    return default_device()
 
 
 STAGE = Stage("quantize", quantize_model, QuantizedCheckpoint,

@@ -719,6 +719,45 @@ def reproducibility_section(con) -> Section:
     return Section(title, text + markdown_table(settings_groups(df)))
 
 
+def environments_section(con) -> Section | None:
+    """The software and machines the stored answers were generated with; comparisons across them flagged."""
+    if not _has_relations(con, "environments", "runs"):
+        return None
+    environments = con.execute("""
+        SELECT e.environment_id AS id, e.qrobust, e.git_commit AS commit, e.torch, e.transformers, e.gptqmodel,
+               e.prefect, e.duckdb, e.device, e.cpu_capability AS cpu_isa, e.threads, e.dtype,
+               count(DISTINCT r.cell_id) AS cells
+        FROM environments e
+        LEFT JOIN runs r ON list_contains(string_split(r.environment_id, ','), e.environment_id)
+        GROUP BY ALL HAVING count(DISTINCT r.cell_id) > 0 ORDER BY cells DESC, id""").df()
+    if environments.empty:
+        return None
+    text = ("Every cell's answers were generated in one of these environments (`runs.environment_id`; its "
+            "checkpoint's quantization in `runs.quantize_environment_id`). Cells made in different environments "
+            "may differ for that reason alone.\n\n" + markdown_table(environments))
+    flagged = _comparisons_across_environments(con)
+    if flagged is None or flagged.empty:
+        text += "\nEvery comparison in this report is between cells generated in the same environment.\n"
+    else:
+        text += ("\n**Comparisons between cells generated in different environments** (their differences mix the "
+                 "method's effect with the machine's or the software's):\n\n" + markdown_table(flagged))
+    return Section("environments", text)
+
+
+def _comparisons_across_environments(con):
+    """Each quantized cell whose fp cell (or whose own shards) ran in another environment."""
+    if not _has_relations(con, "fp_baselines"):
+        return None
+    return con.execute("""
+        SELECT q.model, q.method, q.bits, q.budget, q.benchmark, q.environment_id AS environment,
+               f.environment_id AS fp_environment
+        FROM fp_baselines b
+        JOIN runs q ON q.cell_id = b.cell_id
+        JOIN runs f ON f.cell_id = b.fp_cell_id
+        WHERE q.environment_id IS DISTINCT FROM f.environment_id OR contains(q.environment_id, ',')
+        ORDER BY ALL""").df()
+
+
 def settings_groups(runs):
     """One row per model x benchmark x distinct settings, listing the methods that used them."""
     import pandas as pd
@@ -754,6 +793,7 @@ def _config(config_json) -> dict:
 def _settings_text(settings, skip=()) -> str:
     if not isinstance(settings, dict):
         return ""
+    skip = ("type", *skip)  # a config's type name: the column already says what it is
     return ", ".join(f"{k}={_compact(v)}" for k, v in sorted(settings.items()) if v is not None and k not in skip)
 
 
@@ -782,6 +822,7 @@ SECTIONS = [
     hawq_vs_gptq_section,
     failures_section,
     reproducibility_section,
+    environments_section,
 ]
 
 

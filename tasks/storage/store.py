@@ -61,6 +61,15 @@ ALTER TABLE stage_events ADD COLUMN IF NOT EXISTS started_at TIMESTAMP;
 CREATE TABLE IF NOT EXISTS code_fingerprints (code_hash VARCHAR PRIMARY KEY, modules VARCHAR);
 -- the cache key of every stage call a stored cell came from (JSON list of {stage, shard, key})
 ALTER TABLE runs ADD COLUMN IF NOT EXISTS stage_keys VARCHAR;
+-- where each cell's answers were generated and its checkpoint quantized (environments.environment_id;
+-- several ids joined by commas when a cell's shards ran in different environments)
+ALTER TABLE runs ADD COLUMN IF NOT EXISTS environment_id VARCHAR;
+ALTER TABLE runs ADD COLUMN IF NOT EXISTS quantize_environment_id VARCHAR;
+CREATE TABLE IF NOT EXISTS environments (
+    environment_id VARCHAR PRIMARY KEY, qrobust VARCHAR, git_commit VARCHAR, python VARCHAR, torch VARCHAR,
+    transformers VARCHAR, gptqmodel VARCHAR, prefect VARCHAR, duckdb VARCHAR, device VARCHAR,
+    cpu_capability VARCHAR, threads INTEGER, dtype VARCHAR, platform VARCHAR
+);
 """
 
 
@@ -190,6 +199,8 @@ def write_cell(con, cell, run_record: dict, samples: list, result) -> None:
         "sandbox": run_record.get("sandbox"),
         "finished_at": datetime.now(timezone.utc).replace(tzinfo=None),
         "stage_keys": json.dumps(run_record.get("stage_keys") or [], sort_keys=True),
+        "environment_id": _environment_ids(con, run_record.get("environments") or []),
+        "quantize_environment_id": _environment_ids(con, [e for e in [run_record.get("quantize_environment")] if e]),
     }
     sample_rows = [{**base, **dataclasses.asdict(sample), "sandbox": run_record.get("sandbox")} for sample in samples]
     con.execute("BEGIN TRANSACTION")
@@ -206,6 +217,19 @@ def write_cell(con, cell, run_record: dict, samples: list, result) -> None:
     except Exception:
         con.execute("ROLLBACK")
         raise
+
+
+def _environment_ids(con, records: list[dict]) -> str | None:
+    """Store each environment record once; the ids of `records`, joined by commas."""
+    from qrobust.tasks.runtime.provenance import environment_id
+
+    ids = []
+    for record in records:
+        ids.append(environment_id(record))
+        columns = ["environment_id", *record]
+        con.execute(f"INSERT OR IGNORE INTO environments ({', '.join(columns)}) VALUES "
+                    f"({', '.join('?' for _ in columns)})", [ids[-1], *record.values()])
+    return ",".join(sorted(set(ids))) or None
 
 
 def write_layer_sensitivity(con, model: str, estimator: str, traces: dict[str, dict]) -> None:

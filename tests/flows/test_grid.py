@@ -168,3 +168,18 @@ max_new_tokens = 8
     error = _rows(workspace, "SELECT error FROM runs WHERE model = 'unreachable'")[0][0]
     assert error.startswith("generation failed:") and "\n" not in error
     assert len(_results(workspace)) == 1
+
+
+def test_every_cell_says_in_which_environment_it_was_made_and_the_report_shows_it(first_run):
+    import torch
+
+    workspace, _, _ = first_run
+    cells = _rows(workspace, "SELECT method, environment_id, quantize_environment_id FROM runs ORDER BY ALL")
+    assert all(env for _, env, _ in cells)
+    assert all((quantize_env is None) == (method == "fp") for method, _, quantize_env in cells)
+    [environment] = _rows(workspace, "SELECT torch, gptqmodel, device, cpu_capability, threads, dtype FROM environments")
+    assert environment[0] == torch.__version__ and environment[1] and environment[2]
+    assert environment[3] == torch.backends.cpu.get_cpu_capability() and environment[4] >= 1
+    assert environment[5] == "bfloat16"
+    report = (workspace.report_dir / "report.md").read_text()
+    assert "## environments" in report and cells[0][1] in report

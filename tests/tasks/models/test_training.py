@@ -1,11 +1,11 @@
 import dataclasses
+import os
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from qrobust.tasks.benchmarks import load_problems
-from qrobust.tasks.benchmarks import benchmark_format
+from qrobust.tasks.benchmarks import benchmark_format, load_problems
 from qrobust.tasks.config import ConfigError, ModelSpec, TinyArchitecture, TrainingSpec
 from qrobust.tasks.grid_file import load_grid, parse_grid
 from tests.pipeline import prepare as prepare_model
@@ -71,6 +71,44 @@ def test_training_twice_with_the_same_seed_gives_bitwise_identical_weights(base,
     first, second = weights(trained["diffusion"][0]), weights(again)
     assert first.keys() == second.keys()
     assert all(torch.equal(first[name], second[name]) for name in first)
+
+
+@pytest.mark.parametrize("vector_width", ["avx2", "avx512"])
+def test_weights_trained_in_the_portable_process_do_not_depend_on_the_callers_cpu_settings(base, tmp_path,
+                                                                                            monkeypatch, vector_width):
+    from qrobust.tasks.models.training import train_in_portable_process
+
+    spec = dataclasses.replace(SPEC, steps=10)
+    reference = tmp_path / "reference"
+    train_in_portable_process(base, "ar", spec, MAX_NEW_TOKENS, None, reference)
+    monkeypatch.setenv("ATEN_CPU_CAPABILITY", vector_width)  # what a caller on another CPU would have
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")
+    other = tmp_path / vector_width
+    train_in_portable_process(base, "ar", spec, MAX_NEW_TOKENS, None, other)
+    first, second = weights(reference), weights(other)
+    assert all(torch.equal(first[name], second[name]) for name in first)
+
+
+def test_the_vector_width_changes_weights_trained_without_the_portable_settings(base, tmp_path):
+    """Why training gets a process of its own: the same training under two vector widths."""
+    import subprocess
+    import sys
+
+    hashes = []
+    for vector_width in ("avx2", "default"):
+        out = tmp_path / vector_width
+        script = (
+            "import sys, dataclasses; from pathlib import Path; "
+            "from tests.tasks.models.test_training import SPEC, MAX_NEW_TOKENS; "
+            "from qrobust.tasks.models.training import train_tiny_model, training_problems; "
+            "spec = dataclasses.replace(SPEC, steps=10); "
+            "train_tiny_model(Path(sys.argv[1]), 'ar', spec, training_problems(spec), MAX_NEW_TOKENS, None, "
+            "Path(sys.argv[2]), progress=False)"
+        )
+        subprocess.run([sys.executable, "-c", script, str(base), str(out)], check=True,
+                       env={**os.environ, "ATEN_CPU_CAPABILITY": vector_width})
+        hashes.append(weights(out))
+    assert any(not torch.equal(hashes[0][name], hashes[1][name]) for name in hashes[0])
 
 
 def test_a_different_seed_gives_different_weights(base, trained, tmp_path):
@@ -200,7 +238,7 @@ def test_prepare_model_trains_once_and_then_returns_the_cached_checkpoint(tmp_pa
     def must_not_train(*args, **kwargs):
         raise AssertionError("the cached checkpoint was retrained")
 
-    monkeypatch.setattr(qrobust.tasks.models.training, "train_tiny_model", must_not_train)
+    monkeypatch.setattr(qrobust.tasks.models.training, "train_in_portable_process", must_not_train)
     assert prepare_model(trained_spec("diffusion"), workspace) == first
     assert not (first.directory(workspace) / "base").exists()
 
@@ -211,7 +249,7 @@ def test_a_failed_training_leaves_no_model_artifact(tmp_path, monkeypatch):
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(qrobust.tasks.models.training, "train_tiny_model", interrupted)
+    monkeypatch.setattr(qrobust.tasks.models.training, "train_in_portable_process", interrupted)
     with pytest.raises(KeyboardInterrupt):
         prepare_model(trained_spec("ar"), Workspace.at(tmp_path))
     assert list((tmp_path / "artifacts" / "prepare-model").iterdir()) == []
