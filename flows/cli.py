@@ -46,6 +46,13 @@ def _parser() -> argparse.ArgumentParser:
     export = with_workspace(sub.add_parser("export", help="write every table of the store to Parquet"))
     export.add_argument("--out", default=None, help="directory (default: WORKSPACE/export)")
 
+    sandbox = sub.add_parser("sandbox", help="set up the Docker sandbox from the files shipped with qrobust")
+    sandbox.add_argument("action", choices=("build", "engine"),
+                         help="build: the sandbox image (starting an engine first when none answers); "
+                              "engine: start a Docker engine only")
+    sandbox.add_argument("options", nargs="*", metavar="--offline|--online|--force",
+                         help="for build: where its base image comes from, and whether to rebuild a current one")
+
     evaluate = sub.add_parser("evaluate", help="score a JSONL of samples from any generator in the sandbox")
     evaluate.add_argument("samples")
     evaluate.add_argument("--benchmark", choices=("humaneval", "mbpp"), required=True)
@@ -310,6 +317,20 @@ def cmd_evaluate(args) -> int:
     return 0
 
 
+def cmd_sandbox(args) -> int:
+    import subprocess
+
+    from qrobust.tasks.runtime.bundled import docker_path
+
+    allowed = {"--offline", "--online", "--force"}
+    unknown = [option for option in args.options if option not in allowed or args.action == "engine"]
+    if unknown:
+        raise ValueError(f"unknown option {unknown[0]!r} for sandbox {args.action}; allowed: "
+                         + (", ".join(sorted(allowed)) if args.action == "build" else "none"))
+    script = docker_path("build_sandbox_image.sh" if args.action == "build" else "start_engine.sh")
+    return subprocess.run(["bash", str(script), *args.options]).returncode
+
+
 COMMANDS = {
     "run": cmd_run,
     "status": cmd_status,
@@ -317,6 +338,7 @@ COMMANDS = {
     "report": cmd_report,
     "export": cmd_export,
     "evaluate": cmd_evaluate,
+    "sandbox": cmd_sandbox,
 }
 
 if __name__ == "__main__":

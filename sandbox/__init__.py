@@ -12,7 +12,7 @@ is established, and for the threat model). A program that kills or freezes the s
 costs only its own verdict: the others are re-run (sandbox/shard.py). Backends:
 
     docker  the default when an engine answers and the image is built
-            (bash docker/start_engine.sh && bash docker/build_sandbox_image.sh)
+            (qrobust sandbox build: starts an engine if needed, builds the image offline)
     bwrap   bubblewrap, when there is no usable Docker engine
     none    no isolation at all: only when named explicitly, for trusted programs;
             callers must record that it was used

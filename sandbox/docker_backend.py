@@ -33,8 +33,8 @@ REAP_INTERVAL_S = 60.0
 REAP_GRACE_S = 60.0
 STDERR_TAIL_BYTES = 4096
 FRAME_HEADER = struct.Struct(">BxxxL")  # docker's multiplexed stream: kind, 3 pad bytes, length
-BUILD_HINT = "bash docker/build_sandbox_image.sh"
-ENGINE_HINT = "bash docker/start_engine.sh"
+BUILD_HINT = "qrobust sandbox build"  # runs the build files shipped with the package (docker/)
+ENGINE_HINT = "qrobust sandbox engine"
 
 _client_lock = threading.Lock()
 _client = None

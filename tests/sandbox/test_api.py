@@ -61,7 +61,7 @@ def test_without_any_backend_auto_raises_one_line_saying_why_and_what_to_do():
     message = str(raised.value)
     assert "\n" not in message
     assert (
-        "docker: image qrobust-sandbox-absent:never-built is missing; build it with: bash docker/build_sandbox_image.sh"
+        "docker: image qrobust-sandbox-absent:never-built is missing; build it with: qrobust sandbox build"
         in message
     )
     assert "bwrap: bubblewrap is not installed" in message

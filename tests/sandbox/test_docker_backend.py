@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -97,7 +98,7 @@ def test_an_image_with_another_runner_is_refused(api, monkeypatch):
         reason = docker_backend.unavailable_reason()
         assert reason == (
             "image qrobust-sandbox-test:stale holds an older sandbox/runner.py; "
-            "rebuild it with: bash docker/build_sandbox_image.sh"
+            "rebuild it with: qrobust sandbox build"
         )
     finally:
         client.images.remove(image.id, force=True)
@@ -115,19 +116,21 @@ assert not os.path.exists("/work") and not os.path.exists("/qrobust")
     assert verdict.status == "passed", verdict.error
 
 
-def test_the_build_script_is_a_quick_no_op_when_the_image_is_current(api):
+def test_the_build_command_is_a_quick_no_op_when_the_image_is_current(api):
     started = time.monotonic()
     result = subprocess.run(
-        ["bash", "docker/build_sandbox_image.sh"], cwd=REPOSITORY, capture_output=True, text=True, timeout=120
+        [sys.executable, "-m", "qrobust", "sandbox", "build"], cwd=REPOSITORY, capture_output=True, text=True,
+        timeout=120,
     )
     assert result.returncode == 0, result.stderr
     assert "is up to date" in result.stdout
     assert time.monotonic() - started < 10
 
 
-def test_the_engine_script_is_a_no_op_when_an_engine_answers(api):
+def test_the_engine_command_is_a_no_op_when_an_engine_answers(api):
     result = subprocess.run(
-        ["bash", "docker/start_engine.sh"], cwd=REPOSITORY, capture_output=True, text=True, timeout=60
+        [sys.executable, "-m", "qrobust", "sandbox", "engine"], cwd=REPOSITORY, capture_output=True, text=True,
+        timeout=60,
     )
     assert result.returncode == 0, result.stderr
     assert "already reachable" in result.stdout
