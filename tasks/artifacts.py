@@ -198,6 +198,9 @@ class GeneratedShard(Artifact):
     model_bytes: int | None
     device: str
     environment: dict | None = None  # where the answers were generated (tasks.runtime.provenance)
+    kernel: str = "dense"  # the kernel classes the quantized layers ran on; "dequantized"; "dense" for fp
+    warmup_seconds: float = 0.0  # first-use costs (kernel builds, autotuning), kept out of gen_seconds
+    batch_size: int = 0
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "task_ids", tuple(self.task_ids))  # JSON gives a list
@@ -249,3 +252,5 @@ class CellResult:
     gen_tokens_per_s: float | None
     gen_seconds: float
     quantize_seconds: float | None
+    warmup_seconds: float | None = None
+    kernel: str | None = None

@@ -25,6 +25,8 @@ ARCHITECTURES = ("auto", "coda")
 # How a quantized checkpoint runs at generation time: gptqmodel's kernels (the speed path) or
 # plain linear layers holding exactly the dequantized weights (the accuracy path).
 WEIGHT_MODES = ("kernel", "dequantized")
+# gptqmodel kernels a quantized checkpoint may run on (tasks.models.kernels maps them to backends)
+KERNEL_NAMES = ("auto", "marlin", "machete", "exllama", "triton", "bitblas", "torch", "torch-aten", "torch-fused")
 DEFAULT_MAX_NEW_TOKENS = 128
 
 
@@ -172,7 +174,7 @@ class GenerationSpec:
     top_p: float | None = None
     top_k: int | None = None
     seed: int = 0
-    batch_size: int = 8
+    batch_size: int | str = 8  # prompts decoded together; "auto" = as many as the device's memory holds
     shard_size: int = 8
     # diffusion sampler (CoDA / Dream style; block_length switches to LLaDA-style blocks)
     steps: int = 64
@@ -181,15 +183,20 @@ class GenerationSpec:
     eps: float = 1e-3
     block_length: int | None = None
     weights: str = "kernel"
+    kernel: str = "auto"
 
     def __post_init__(self) -> None:
         choice(self.weights, WEIGHT_MODES, "weights mode")
+        choice(self.kernel, KERNEL_NAMES, "kernel")
         positive(self.max_new_tokens, "max_new_tokens")
         positive(self.n_samples, "n_samples")
         positive(self.temperature, "temperature", allow_zero=True)
         positive(self.steps, "steps")
         positive(self.shard_size, "shard_size")
-        positive(self.batch_size, "batch_size")
+        if self.batch_size != "auto":
+            if isinstance(self.batch_size, str):
+                raise ConfigError(f"batch_size {self.batch_size!r} must be a positive integer or 'auto'")
+            positive(self.batch_size, "batch_size")
         choice(self.alg, DIFFUSION_ALGS, "diffusion alg")
         if self.n_samples > 1 and self.temperature == 0:
             raise ConfigError(f"n_samples {self.n_samples} needs temperature > 0 (greedy samples are identical)")

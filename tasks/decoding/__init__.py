@@ -24,3 +24,20 @@ def decoder_module(family: str) -> str:
 def decoder(family: str):
     """The decoding module of a model family."""
     return importlib.import_module(decoder_module(family))
+
+
+# One answer window of tokens per row, the longest the grids ask for (CoDA's published 768 plus a prompt).
+WINDOW_TOKENS = 2048
+CPU_BATCH = 8
+
+
+def rows_that_fit(device: str, bytes_per_token: int, cap: int) -> int:
+    """The largest power of two up to `cap` whose rows of WINDOW_TOKENS tokens, at `bytes_per_token`,
+    fit in half the device's free memory (the other half for activations and the allocator)."""
+    if not device.startswith("cuda"):
+        return CPU_BATCH
+    import torch
+
+    free, _ = torch.cuda.mem_get_info(torch.device(device))
+    rows = max(1, int(free // 2 // (bytes_per_token * WINDOW_TOKENS)))
+    return min(cap, 1 << (rows.bit_length() - 1))

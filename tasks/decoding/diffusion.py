@@ -516,6 +516,24 @@ def truncate_at_stop(
 
 # --------------------------------------------------------------------------- answers from a model
 
+def warm_up_settings(generation):
+    """One denoising step per block over the whole answer window: the shapes of every step."""
+    import dataclasses
+
+    blocks = generation.max_new_tokens // generation.block_length if generation.block_length else 1
+    return dataclasses.replace(generation, steps=blocks)
+
+
+def auto_batch_size(model, device: str, cap: int = 32) -> int:
+    """As many rows as free device memory holds for a forward over the answer window (8 on a CPU):
+    about a dozen hidden-state-sized activations per token and layer in flight."""
+    from qrobust.tasks.decoding import rows_that_fit
+
+    config = model.config
+    bytes_per_token = 12 * config.hidden_size * next(model.parameters()).element_size()
+    return rows_that_fit(device, bytes_per_token, cap)
+
+
 def sampler_settings(generation, logits_shift: bool) -> "DiffusionSamplerSettings":
     """The sampler settings of a grid's generation table."""
     return DiffusionSamplerSettings(

@@ -28,7 +28,8 @@ def load_tokenizer(checkpoint, workspace):
 
 
 @functools.lru_cache(maxsize=1)
-def _load_cached(location: str, quantized: bool, dtype: str, device: str, trust_remote_code: bool, weights: str):
+def _load_cached(location: str, quantized: bool, dtype: str, device: str, trust_remote_code: bool, weights: str,
+                 backend: str | None):
     set_library_environment()
     if quantized and weights == "dequantized":
         from qrobust.tasks.models.dequantize import dequantized_model
@@ -36,9 +37,9 @@ def _load_cached(location: str, quantized: bool, dtype: str, device: str, trust_
         return dequantized_model(Path(location), dtype, device)
     if quantized:
         with library_output_to(Path(location).parent / f"{Path(location).name}.load.log"):
-            from gptqmodel import GPTQModel
+            from gptqmodel import BACKEND, GPTQModel
 
-            wrapped = GPTQModel.load(location, device=device, dtype=torch_dtype(dtype))
+            wrapped = GPTQModel.load(location, device=device, dtype=torch_dtype(dtype), backend=BACKEND(backend))
         model = wrapped.model
     else:
         from transformers import AutoModelForCausalLM
@@ -49,20 +50,44 @@ def _load_cached(location: str, quantized: bool, dtype: str, device: str, trust_
     return model.eval()
 
 
-def load_model(checkpoint, workspace, device: str | None = None, weights: str = "kernel"):
+def load_model(checkpoint, workspace, device: str | None = None, weights: str = "kernel", kernel: str = "auto"):
     """The model of a checkpoint artifact, on `device` (default: CUDA when present).
 
-    A quantized checkpoint runs on gptqmodel's kernels (`weights="kernel"`, the speed path) or
-    as plain linear layers holding its dequantized weights (`"dequantized"`, the accuracy path:
-    the same values, at full-precision speed; see `tasks.models.dequantize`).
+    A quantized checkpoint runs on gptqmodel's kernels (`weights="kernel"`, the speed path; `kernel`
+    names which, see `tasks.models.kernels`) or as plain linear layers holding its dequantized
+    weights (`"dequantized"`, the accuracy path: the same values, at full-precision speed; see
+    `tasks.models.dequantize`).
     """
     if weights not in WEIGHT_MODES:
         raise ValueError(f"unknown weights mode {weights!r}; allowed: {', '.join(WEIGHT_MODES)}")
     location = checkpoint.location(workspace)
     if location == str(checkpoint.directory(workspace)) and not Path(location, "config.json").exists():
         raise FileNotFoundError(f"checkpoint {location!r} is missing from the workspace")
-    return _load_cached(location, checkpoint.quantized, checkpoint.dtype, device or default_device(),
-                        checkpoint.trust_remote_code, weights)
+    device = device or default_device()
+    backend = None
+    if checkpoint.quantized and weights == "kernel":
+        backend = checkpoint_kernel(checkpoint, workspace, kernel, device)
+    return _load_cached(location, checkpoint.quantized, checkpoint.dtype, device, checkpoint.trust_remote_code,
+                        weights, backend)
+
+
+def checkpoint_kernel(checkpoint, workspace, kernel: str, device: str) -> str:
+    """gptqmodel's backend for a quantized checkpoint's widths and group size on `device`."""
+    import json
+
+    from qrobust.tasks.models.kernels import resolve_kernel_for_widths
+
+    config = json.loads((checkpoint.directory(workspace) / "quantize_config.json").read_text())
+    widths = set(checkpoint.module_bits.values()) or {config["bits"]}
+    return resolve_kernel_for_widths(kernel, widths, config["group_size"], config.get("sym", True), device,
+                                     checkpoint.dtype)
+
+
+def kernel_names(model) -> tuple[str, ...]:
+    """The classes of the quantized layers a loaded model multiplies with (empty when none)."""
+    from qrobust.tasks.models.kernels import quantized_layer_classes
+
+    return quantized_layer_classes(model)
 
 
 def model_parameter_bytes(model) -> int:

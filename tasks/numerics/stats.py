@@ -412,4 +412,6 @@ def cell_result(checkpoint, generated_shards: list, samples: list):
         gen_tokens_per_s=gen_tokens / gen_seconds if gen_seconds else None,
         gen_seconds=gen_seconds,
         quantize_seconds=checkpoint.quantize_seconds if checkpoint is not None else None,
+        warmup_seconds=sum(g.warmup_seconds for g in generated_shards),
+        kernel=",".join(sorted({g.kernel for g in generated_shards})) or None,
     )

@@ -52,53 +52,73 @@ def prompts_for(problems: list[Problem], fmt: BenchmarkFormat, tokenizer) -> lis
 
 def generate_shard(context: StageContext, shard: ProblemShard, prompt_style: str, generation: GenerationSpec,
                    family: str, checkpoint: Checkpoint) -> GeneratedShard:
-    """Every sample of a shard's problems from one checkpoint of a model `family`, in a prompt style."""
-    from qrobust.tasks.models.loading import load_model, load_tokenizer, model_parameter_bytes
+    """Every sample of a shard's problems from one checkpoint of a model `family`, in a prompt style.
+
+    First-use costs (kernel builds, autotuning, a cache's first allocation) are paid in a short
+    warm-up on the shard's first batch, timed on its own (`warmup_seconds`), never in `gen_seconds`.
+    """
+    from qrobust.tasks.models.loading import kernel_names, load_model, load_tokenizer, model_parameter_bytes
     from qrobust.tasks.runtime.environment import default_device
     from qrobust.tasks.runtime.measure import measure
 
-    decode = decoder(family).answers
+    decoding = decoder(family)
     device = default_device()
-    model = load_model(checkpoint, context.workspace, device, weights=generation.weights)
+    g = generation
+    model = load_model(checkpoint, context.workspace, device, weights=g.weights, kernel=g.kernel)
     tokenizer = load_tokenizer(checkpoint, context.workspace)
     fmt = benchmark_format(shard.benchmark, prompt_style)
     problems = shard.problems()
     prompts = prompts_for(problems, fmt, tokenizer)
-    g = generation
-    records = []
+    batch_size = g.batch_size if g.batch_size != "auto" else decoding.auto_batch_size(model, device)
+    batches = length_sorted_batches(prompts, tokenizer, batch_size)
+    began = time.perf_counter()
+    decoding.answers(model, tokenizer, [prompts[i] for i in batches[0]], decoding.warm_up_settings(g), checkpoint,
+                     g.seed, fmt.stop_strings)
+    warmup_seconds = time.perf_counter() - began
+    records = {}
     with measure(device) as shard_measurement:
         for sample_idx in range(g.n_samples):
-            for start in range(0, len(problems), g.batch_size):
-                batch = slice(start, start + g.batch_size)
+            for batch in batches:
                 began = time.perf_counter()
-                answers, counts = decode(
-                    model, tokenizer, prompts[batch], g, checkpoint, g.seed + sample_idx, fmt.stop_strings
+                answers, counts = decoding.answers(
+                    model, tokenizer, [prompts[i] for i in batch], g, checkpoint, g.seed + sample_idx, fmt.stop_strings
                 )
                 per_sample = (time.perf_counter() - began) / len(answers)
-                for problem, answer, count in zip(problems[batch], answers, counts):
-                    records.append({
-                        "task_id": problem.task_id,
+                for index, answer, count in zip(batch, answers, counts):
+                    records[(sample_idx, index)] = {
+                        "task_id": problems[index].task_id,
                         "sample_idx": sample_idx,
                         "answer": answer,
                         "completion": postprocess(answer, fmt),
                         "gen_tokens": count,
                         "gen_seconds": per_sample,
-                    })
+                    }
     with open(context.directory / COMPLETIONS, "w") as out:
-        for record in records:
+        for _, record in sorted(records.items()):
             out.write(json.dumps(record) + "\n")
+    kernel = ",".join(kernel_names(model)) if checkpoint.quantized else "dense"
     return GeneratedShard(
         key=context.key,
         task_ids=shard.task_ids,
         n_records=len(records),
         gen_seconds=shard_measurement.seconds,
-        gen_tokens=sum(r["gen_tokens"] for r in records),
+        gen_tokens=sum(r["gen_tokens"] for r in records.values()),
         peak_mem_bytes=shard_measurement.peak_bytes,
         # a full-precision model is measured as it runs (its file may hold another dtype)
         model_bytes=checkpoint.model_bytes if checkpoint.quantized else model_parameter_bytes(model),
         device=device,
         environment=environment(device, checkpoint.dtype),
+        kernel=kernel or "dequantized",
+        warmup_seconds=warmup_seconds,
+        batch_size=batch_size,
     )
+
+
+def length_sorted_batches(prompts: list[str], tokenizer, batch_size: int) -> list[list[int]]:
+    """Prompt indices in batches of similar length (shortest first), so that little of a batch is padding."""
+    lengths = [len(tokenizer(p, add_special_tokens=False)["input_ids"]) for p in prompts]
+    order = sorted(range(len(prompts)), key=lambda i: (lengths[i], i))
+    return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
 
 
 def read_completions(generated: GeneratedShard, workspace) -> list[dict]:

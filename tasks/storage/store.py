@@ -57,6 +57,9 @@ ALTER TABLE stage_events ADD COLUMN IF NOT EXISTS key VARCHAR;
 ALTER TABLE stage_events ADD COLUMN IF NOT EXISTS code_hash VARCHAR;
 ALTER TABLE stage_events ADD COLUMN IF NOT EXISTS versions VARCHAR;
 ALTER TABLE stage_events ADD COLUMN IF NOT EXISTS started_at TIMESTAMP;
+-- first-use costs of generation (kernel builds, autotuning), outside gen_seconds; the kernel it ran on
+ALTER TABLE results ADD COLUMN IF NOT EXISTS warmup_seconds DOUBLE;
+ALTER TABLE results ADD COLUMN IF NOT EXISTS kernel VARCHAR;
 -- every code fingerprint a stage ran with: the modules it covers and each one's hash (JSON)
 CREATE TABLE IF NOT EXISTS code_fingerprints (code_hash VARCHAR PRIMARY KEY, modules VARCHAR);
 -- the cache key of every stage call a stored cell came from (JSON list of {stage, shard, key})
