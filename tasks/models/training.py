@@ -365,9 +365,14 @@ def training_stats(losses: list[float], sequences: list[TrainingSequence], secon
 
 if __name__ == "__main__":
     import json
+    import logging
     import sys
+
+    import torch  # noqa: F401  (installs torch's own log handler, whose level is set next)
 
     from qrobust.tasks.runtime.environment import set_library_environment
 
     set_library_environment()
+    for noisy in ("torch", "torchao"):  # import-time notices; the progress bar is this process's output
+        logging.getLogger(noisy).setLevel(logging.ERROR)
     print(json.dumps(_train_from_request(json.loads(sys.argv[1]))))
