@@ -96,6 +96,8 @@ def cmd_run(args) -> int:
 
     grid = load_grid(args.grid)
     console = Console(stderr=True)
+    if args.runner == "threads":
+        _check_kernels(grid)
     if args.dry_run:
         _print_cells(grid, Console(stderr=True, width=max(console.width, 200)))
         return 0
@@ -115,6 +117,31 @@ def cmd_run(args) -> int:
     if summary["report"]:
         print(f"report: {summary['report']['html']}")
     return 1 if summary["failed"] else 0
+
+
+def _check_kernels(grid) -> None:
+    """Fail before any model work if a quantized cell's kernel cannot run on this machine."""
+    import os
+    from pathlib import Path
+
+    from qrobust.tasks.config import ConfigError
+    from qrobust.tasks.methods.base import GPTQ_BITS
+    from qrobust.tasks.models.kernels import resolve_kernel_for_widths
+    from qrobust.tasks.runtime.environment import default_device, library_output_to
+
+    cells = [c for c in grid.cells() if c.method.quantizes and c.generation.weights == "kernel"]
+    if not cells:
+        return
+    device = default_device()
+    with library_output_to(Path(os.devnull)):  # gptqmodel announces itself when first imported
+        for cell in cells:
+            method = cell.method
+            widths = [method.columns["bits"]] if method.columns["bits"] else GPTQ_BITS  # mixed: any of them
+            try:
+                resolve_kernel_for_widths(cell.generation.kernel, widths, method.group_size, method.sym, device,
+                                          cell.model.dtype)
+            except ConfigError as error:
+                raise ConfigError(f"{cell.label}: {error}") from None
 
 
 def _check_sandbox(grid) -> None:
@@ -150,7 +177,8 @@ def generation_settings(cell) -> str:
     if cell.model.family == "diffusion":
         settings += [f"steps={g.steps}", f"alg={g.alg}", f"alg_temp={g.alg_temp}", f"eps={g.eps}",
                      f"block_length={g.block_length}"]
-    settings += [f"n_samples={g.n_samples}", f"seed={g.seed}", f"dtype={cell.model.dtype}", f"weights={g.weights}"]
+    settings += [f"n_samples={g.n_samples}", f"seed={g.seed}", f"dtype={cell.model.dtype}", f"weights={g.weights}",
+                 f"kernel={g.kernel}", f"batch_size={g.batch_size}"]
     return " ".join(settings)
 
 

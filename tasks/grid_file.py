@@ -27,7 +27,7 @@ from qrobust.tasks.config import (
     build_config,
 )
 from qrobust.tasks.methods import parse_method_entry
-from qrobust.tasks.presets import BUILTIN_MODELS
+from qrobust.tasks.presets import BUILTIN_MODELS, KNOWN_INPUT_WIDTHS
 from qrobust.tasks.runtime.bundled import data_path
 
 
@@ -99,6 +99,10 @@ def parse_grid(text: str, name: str = "grid") -> GridConfig:
     )
     _unique(models, "model", key=lambda m: m.name)
     for model in models:
+        widths = input_widths(model)
+        for method in methods if widths else ():
+            method.check_input_widths(widths, model.name)
+    for model in models:
         _check_training_matches_generation(model, dict(model_generation).get(model.name, generation))
     return GridConfig(
         name=raw.get("name", name),
@@ -112,6 +116,14 @@ def parse_grid(text: str, name: str = "grid") -> GridConfig:
         model_generation=model_generation,
         scale=build_config(ScaleSpec, raw.get("scale", {}), "scale"),
     )
+
+
+def input_widths(model: ModelSpec) -> tuple[int, ...] | None:
+    """The input widths of a model's quantized layers, when known without loading it."""
+    if model.tiny is not None:
+        arch = model.tiny
+        return (arch.hidden_size, arch.num_attention_heads * arch.head_dim, arch.intermediate_size)
+    return KNOWN_INPUT_WIDTHS.get(model.hf_id)
 
 
 def _check_training_matches_generation(model: ModelSpec, generation: GenerationSpec) -> None:

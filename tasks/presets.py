@@ -24,3 +24,12 @@ BUILTIN_MODELS: dict[str, ModelSpec] = {
         architecture="coda",
     ),
 }
+
+# The input widths of the quantized linear layers (hidden size, attention output, MLP inner size)
+# of hub checkpoints whose configs are known, so that a group size that does not divide them is
+# refused when the grid is read; other hub models are checked when their config is loaded.
+KNOWN_INPUT_WIDTHS: dict[str, tuple[int, ...]] = {
+    "Qwen/Qwen3-1.7B": (2048, 2048, 6144),
+    "Salesforce/CoDA-v0-Instruct": (2048, 2048, 6144),
+    "Salesforce/CoDA-v0-Base": (2048, 2048, 6144),
+}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -52,6 +53,9 @@ class Method:
         """gptqmodel's configuration for this method (`allocation`: HAWQ's per-module bits)."""
         raise NotImplementedError(f"method {self.name} does not quantize")
 
+    def check_input_widths(self, widths: tuple[int, ...], model: str) -> None:
+        """Refuse, with one line, settings that cannot quantize layers with these input widths."""
+
     @classmethod
     def from_grid(cls, raw: dict[str, Any]) -> list["Method"]:
         what = f"method {cls.name}"
@@ -92,6 +96,19 @@ class GroupwiseMethod(Method):
         size = self.group_size
         if isinstance(size, bool) or not isinstance(size, int) or (size != -1 and size < 1):
             raise ConfigError(f"group_size {size!r} must be a positive integer or -1 (per row)")
+
+    def check_input_widths(self, widths: tuple[int, ...], model: str) -> None:
+        """Groups run along a layer's inputs: every input width must be a multiple of the group size."""
+        bad = sorted({width for width in widths if self.group_size != -1 and width % self.group_size})
+        if not bad:
+            return
+        common = math.gcd(*widths)
+        examples = [d for d in (32, 64, 128, 256) if common % d == 0]
+        raise ConfigError(
+            f"group_size {self.group_size} does not divide the layer input width {bad[0]} of model {model!r}; "
+            f"allowed: -1 (per row) or a divisor of {', '.join(map(str, sorted(set(widths))))}"
+            + (f" (e.g. {', '.join(map(str, examples))})" if examples else "")
+        )
 
 
 def check_bits(method: str, bits: Any) -> None:

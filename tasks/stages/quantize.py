@@ -68,6 +68,8 @@ def quantize_model(context: StageContext, prepared: PreparedModel, method, calib
     with library_output_to(context.log), contextlib.chdir(workspace.logs):
         from gptqmodel import GPTQModel
 
+        method.check_input_widths(input_widths(prepared.location(workspace), prepared.trust_remote_code),
+                                  prepared.name)
         started = time.perf_counter()
         model = GPTQModel.load(
             prepared.location(workspace), method.quantize_config(allocation), dtype=torch_dtype(prepared.dtype),
@@ -95,6 +97,15 @@ def quantize_model(context: StageContext, prepared: PreparedModel, method, calib
         allocated_bits=allocation.bits if allocation else None,
         environment=environment(quantization_device(), prepared.dtype),
     )
+
+
+def input_widths(location: str, trust_remote_code: bool) -> tuple[int, ...]:
+    """The input widths of a checkpoint's quantized layers, from its config."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(location, trust_remote_code=trust_remote_code)
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    return (config.hidden_size, config.num_attention_heads * head_dim, config.intermediate_size)
 
 
 def quantization_device() -> str:

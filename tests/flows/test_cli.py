@@ -124,3 +124,15 @@ def test_status_lists_done_and_pending_cells(filled_workspace, tmp_path, capsys)
     assert main(["status", str(grid), "--workspace", str(filled_workspace)]) == 0
     out = capsys.readouterr().out
     assert "done" in out and "pending" in out and "1.000" in out
+
+
+def test_a_kernel_that_cannot_run_here_is_refused_before_any_work(tmp_path):
+    grid = tmp_path / "grid.toml"
+    grid.write_text('[[models]]\nname="tiny-ar"\n[[methods]]\nname="gptq"\nbits=[3]\n[[benchmarks]]\n'
+                    'name="humaneval"\nlimit=1\n[generation]\nkernel="marlin"\n')
+    result = _qrobust("run", str(grid), "--workspace", str(tmp_path / "ws"))
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(
+        "qrobust: error: tiny-ar/gptq-w3g32/humaneval: kernel 'marlin' cannot run 3-bit weights")
+    assert not (tmp_path / "ws" / "artifacts").exists()

@@ -65,3 +65,28 @@ def test_pairs_must_name_models_of_the_right_family():
 def test_unknown_grid_name_lists_bundled_grids():
     with pytest.raises(ConfigError, match="bundled: .*tiny"):
         load_grid("no-such-grid")
+
+
+def test_a_group_size_that_does_not_divide_a_layer_width_is_refused_when_the_grid_is_read():
+    grid = ('[[models]]\nname = "qwen3-1.7b"\n[[methods]]\nname = "gptq"\nbits = [4]\ngroup_size = 33\n'
+            '[[benchmarks]]\nname = "humaneval"\n')
+    with pytest.raises(ConfigError, match="group_size 33 does not divide the layer input width 2048 of model "
+                                          "'qwen3-1.7b'; allowed: -1 .per row. or a divisor of 2048, 6144"):
+        parse_grid(grid)
+    assert parse_grid(grid.replace("33", "128")).methods[0].group_size == 128
+
+
+def test_a_tiny_models_widths_are_checked_too():
+    grid = ('[[models]]\nname = "tiny-ar"\n[[methods]]\nname = "rtn"\nbits = [4]\ngroup_size = 48\n'
+            '[[benchmarks]]\nname = "humaneval"\n')
+    with pytest.raises(ConfigError, match="group_size 48 does not divide the layer input width 64"):
+        parse_grid(grid)
+
+
+def test_kernel_and_batch_size_settings_are_validated():
+    base = '[[models]]\nname = "tiny-ar"\n[[methods]]\nname = "fp"\n[[benchmarks]]\nname = "humaneval"\n'
+    with pytest.raises(ConfigError, match="unknown kernel 'fastest'; allowed: auto, marlin"):
+        parse_grid(base + '[generation]\nkernel = "fastest"\n')
+    with pytest.raises(ConfigError, match="batch_size 'many' must be a positive integer or 'auto'"):
+        parse_grid(base + '[generation]\nbatch_size = "many"\n')
+    assert parse_grid(base + '[generation]\nbatch_size = "auto"\n').generation.batch_size == "auto"
