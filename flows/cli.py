@@ -46,6 +46,16 @@ def _parser() -> argparse.ArgumentParser:
     export = with_workspace(sub.add_parser("export", help="write every table of the store to Parquet"))
     export.add_argument("--out", default=None, help="directory (default: WORKSPACE/export)")
 
+    bench = with_workspace(sub.add_parser(
+        "bench", help="measure the generation stage on this machine against its floor, for some cells of a grid"))
+    bench.add_argument("grid", help="a grid TOML file or a bundled grid name")
+    bench.add_argument("--cell", default=None, help="bench the cells whose label contains this text "
+                                                    "(default: the first cell of each model and method)")
+    bench.add_argument("--problems", type=int, default=8, help="problems generated per cell (default 8)")
+    bench.add_argument("--batch-size", default=None, help="override the cells' batch size (a number or auto)")
+    bench.add_argument("--estimate", action="store_true",
+                       help="also print the grid's generation hours at its full sizes, from these speeds")
+
     sandbox = sub.add_parser("sandbox", help="set up the Docker sandbox from the files shipped with qrobust")
     sandbox.add_argument("action", choices=("build", "engine"),
                          help="build: the sandbox image (starting an engine first when none answers); "
@@ -345,6 +355,45 @@ def cmd_evaluate(args) -> int:
     return 0
 
 
+def cmd_bench(args) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from qrobust.flows.bench import bench_grid
+    from qrobust.tasks.grid_file import load_grid
+    from qrobust.tasks.runtime.speed import estimate_grid_hours
+    from qrobust.tasks.runtime.workspace import Workspace
+    from qrobust.tasks.storage.store import Store, write_bench_rows
+
+    if args.problems < 1:
+        raise ValueError(f"--problems {args.problems} must be at least 1")
+    batch_size = args.batch_size
+    if batch_size is not None and batch_size != "auto":
+        if not batch_size.isdigit() or int(batch_size) < 1:
+            raise ValueError(f"--batch-size {batch_size!r} must be a positive integer or auto")
+        batch_size = int(batch_size)
+    grid = load_grid(args.grid)
+    workspace = Workspace.at(args.workspace)
+    console = Console(stderr=True)
+    rows = bench_grid(grid, workspace, args.cell, args.problems, batch_size, console)
+    Store(workspace.store_path).write(write_bench_rows, rows)
+    table = Table(title=f"generation speed on {rows[0].device} ({len(rows)} cells, appended to the bench table)")
+    for column in ("cell", "kernel", "batch", "tokens/s", "achieved", "floor", "ratio", "warm-up s", "peak GB",
+                   "stage seconds"):
+        table.add_column(column, overflow="fold")
+    for row in rows:
+        table.add_row(row.cell, row.kernel, str(row.batch_size), f"{row.tokens_per_s:.1f}", f"{row.achieved:.3g}",
+                      f"{row.floor:.3g} {row.floor_kind}", f"{row.ratio:.1%}", f"{row.warmup_seconds:.1f}",
+                      f"{row.peak_mem_bytes / 1e9:.2f}", ", ".join(f"{k} {v:g}" for k, v in row.stage_seconds.items()))
+    Console(width=220).print(table)
+    if args.estimate:
+        estimates = estimate_grid_hours(grid, rows)
+        hours = sum(e["hours"] for e in estimates)
+        print(f"generation of {len(estimates)} cells of grid {grid.name!r} at full size: {hours:.2f} hours on "
+              f"{rows[0].device} (cells without a benched model and method are left out)")
+    return 0
+
+
 def cmd_sandbox(args) -> int:
     import subprocess
 
@@ -367,6 +416,7 @@ COMMANDS = {
     "export": cmd_export,
     "evaluate": cmd_evaluate,
     "sandbox": cmd_sandbox,
+    "bench": cmd_bench,
 }
 
 if __name__ == "__main__":

@@ -201,6 +201,7 @@ class GeneratedShard(Artifact):
     kernel: str = "dense"  # the kernel classes the quantized layers ran on; "dequantized"; "dense" for fp
     warmup_seconds: float = 0.0  # first-use costs (kernel builds, autotuning), kept out of gen_seconds
     batch_size: int = 0
+    model_tokens: int = 0  # tokens through the decoder backbone while generating (work done)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "task_ids", tuple(self.task_ids))  # JSON gives a list

@@ -38,6 +38,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from qrobust.tasks.runtime.measure import copy_bandwidth, matmul_tflops, synchronize, time_calls
+
 # --------------------------------------------------------------------------- shapes and settings
 
 
@@ -209,64 +211,6 @@ def diffusion_forward_passes(answer_tokens: int, steps: int, alg: str) -> int:
 
 
 # --------------------------------------------------------------------------- timing
-
-
-def synchronize(device: str) -> None:
-    import torch
-
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-
-
-def time_calls(fn: Callable[[], object], device: str, warmup: int, repeats: int,
-               before: Callable[[], object] | None = None) -> list[float]:
-    """Seconds of each of `repeats` calls of `fn` after `warmup` untimed ones; CUDA events
-    on a GPU (device work is asynchronous), a host clock on CPU. `before` runs untimed
-    ahead of every call."""
-    import torch
-
-    on_gpu = device.startswith("cuda")
-    for _ in range(warmup):
-        if before:
-            before()
-        fn()
-    synchronize(device)
-    seconds = []
-    for _ in range(repeats):
-        if before:
-            before()
-        if on_gpu:
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            seconds.append(start.elapsed_time(end) / 1e3)
-        else:
-            started = time.perf_counter()
-            fn()
-            seconds.append(time.perf_counter() - started)
-    return seconds
-
-
-def matmul_tflops(device: str, size: int, repeats: int = 10) -> float:
-    """bf16 matrix-product rate on random data (zeros run faster than real data)."""
-    import torch
-
-    a, b = (torch.randn(size, size, device=device, dtype=torch.bfloat16) for _ in range(2))
-    out = torch.empty_like(a)
-    seconds = statistics.median(time_calls(lambda: torch.mm(a, b, out=out), device, warmup=3, repeats=repeats))
-    return 2 * size**3 / seconds / 1e12
-
-
-def copy_bandwidth(device: str, nbytes: int, repeats: int = 10) -> float:
-    """Device-to-device copy rate in bytes/s, counting bytes read plus bytes written."""
-    import torch
-
-    source = torch.randint(0, 255, (nbytes,), dtype=torch.uint8, device=device)
-    target = torch.empty_like(source)
-    seconds = statistics.median(time_calls(lambda: target.copy_(source), device, warmup=3, repeats=repeats))
-    return 2 * nbytes / seconds
 
 
 # --------------------------------------------------------------------------- models

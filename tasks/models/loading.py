@@ -66,7 +66,8 @@ def load_model(checkpoint, workspace, device: str | None = None, weights: str = 
     device = device or default_device()
     backend = None
     if checkpoint.quantized and weights == "kernel":
-        backend = checkpoint_kernel(checkpoint, workspace, kernel, device)
+        with library_output_to(Path(location).parent / f"{Path(location).name}.load.log"):
+            backend = checkpoint_kernel(checkpoint, workspace, kernel, device)
     return _load_cached(location, checkpoint.quantized, checkpoint.dtype, device, checkpoint.trust_remote_code,
                         weights, backend)
 

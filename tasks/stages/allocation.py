@@ -15,8 +15,6 @@ CANDIDATE_BITS = (2, 3, 4, 8)
 
 def allocate(context: StageContext, prepared: PreparedModel, method, traces_artifact: LayerTraces) -> BitAllocation:
     """Bits per module for `method` (its budget, group size and tie policy) from the model's traces."""
-    import torch
-
     from qrobust.tasks.numerics.bit_allocation import (
         allocate_bits,
         average_bits,
@@ -34,7 +32,12 @@ def allocate(context: StageContext, prepared: PreparedModel, method, traces_arti
                          probes=t["probes"])
         for name, t in read_traces(traces_artifact, context.workspace).items()
     }
-    model = AutoModelForCausalLM.from_pretrained(prepared.location(context.workspace), dtype=torch.float32)
+    from qrobust.tasks.runtime.environment import default_device, torch_dtype
+
+    # the weights as stored, on the device: the quantization errors of every module and width are
+    # elementwise work there (float32 inside), seconds on a GPU for a 1.7B model
+    model = AutoModelForCausalLM.from_pretrained(prepared.location(context.workspace),
+                                                 dtype=torch_dtype(prepared.dtype)).to(default_device())
     weights = {name: model.get_submodule(name).weight.detach() for name in traces}
     sensitivity = layer_sensitivities(traces, weights, CANDIDATE_BITS, method.group_size, method.sym)
     n_params = {name: t.n_params for name, t in traces.items()}

@@ -76,7 +76,8 @@ def generate_shard(context: StageContext, shard: ProblemShard, prompt_style: str
                      g.seed, fmt.stop_strings)
     warmup_seconds = time.perf_counter() - began
     records = {}
-    with measure(device) as shard_measurement:
+    counter = TokenCounter(model)
+    with measure(device) as shard_measurement, counter:
         for sample_idx in range(g.n_samples):
             for batch in batches:
                 began = time.perf_counter()
@@ -111,7 +112,32 @@ def generate_shard(context: StageContext, shard: ProblemShard, prompt_style: str
         kernel=kernel or "dequantized",
         warmup_seconds=warmup_seconds,
         batch_size=batch_size,
+        model_tokens=counter.tokens,
     )
+
+
+class TokenCounter:
+    """Tokens through the decoder backbone while active: with its matmul parameter count, the work
+    the generation did (every forward pass, prompt and answer positions, padding included)."""
+
+    def __init__(self, model) -> None:
+        self.backbone = getattr(model, "model", model)
+        self.tokens = 0
+        self._hook = None
+
+    def _count(self, module, args, kwargs) -> None:
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        embeds = kwargs.get("inputs_embeds")
+        shape = ids.shape if ids is not None else embeds.shape[:2]
+        self.tokens += int(shape[0] * shape[1])
+
+    def __enter__(self) -> "TokenCounter":
+        self._hook = self.backbone.register_forward_pre_hook(self._count, with_kwargs=True)
+        return self
+
+    def __exit__(self, *exc) -> bool:
+        self._hook.remove()
+        return False
 
 
 def length_sorted_batches(prompts: list[str], tokenizer, batch_size: int) -> list[list[int]]:

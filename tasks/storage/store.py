@@ -60,6 +60,13 @@ ALTER TABLE stage_events ADD COLUMN IF NOT EXISTS started_at TIMESTAMP;
 -- first-use costs of generation (kernel builds, autotuning), outside gen_seconds; the kernel it ran on
 ALTER TABLE results ADD COLUMN IF NOT EXISTS warmup_seconds DOUBLE;
 ALTER TABLE results ADD COLUMN IF NOT EXISTS kernel VARCHAR;
+-- `qrobust bench`: the generation stage's speed on this machine against its floor, one row per cell and run
+CREATE TABLE IF NOT EXISTS bench (
+    recorded_at TIMESTAMP, cell VARCHAR, model VARCHAR, family VARCHAR, method VARCHAR, benchmark VARCHAR,
+    device VARCHAR, dtype VARCHAR, kernel VARCHAR, batch_size INTEGER, problems INTEGER, gen_seconds DOUBLE,
+    warmup_seconds DOUBLE, seconds_per_sample DOUBLE, tokens_per_s DOUBLE, floor DOUBLE, achieved DOUBLE,
+    ratio DOUBLE, floor_kind VARCHAR, peak_mem_bytes BIGINT, stage_seconds VARCHAR
+);
 -- every code fingerprint a stage ran with: the modules it covers and each one's hash (JSON)
 CREATE TABLE IF NOT EXISTS code_fingerprints (code_hash VARCHAR PRIMARY KEY, modules VARCHAR);
 -- the cache key of every stage call a stored cell came from (JSON list of {stage, shard, key})
@@ -267,6 +274,15 @@ def record_event(con, cell_id: str, stage: str, state: str, seconds: float = 0.0
     if code is not None:
         con.execute("INSERT OR IGNORE INTO code_fingerprints VALUES (?, ?)",
                     [code.digest, json.dumps(dict(code.modules), sort_keys=True)])
+
+
+def write_bench_rows(con, rows: list) -> None:
+    """Append `qrobust bench` rows (BenchRow)."""
+    import dataclasses
+
+    now = datetime.now(timezone.utc).replace(tzinfo=None)
+    _insert(con, "bench", [{"recorded_at": now, **dataclasses.asdict(row),
+                            "stage_seconds": json.dumps(row.stage_seconds, sort_keys=True)} for row in rows])
 
 
 def content_digest(con) -> str:
