@@ -28,6 +28,9 @@ def _parser() -> argparse.ArgumentParser:
                      help="threads: this process (default); ray: a Ray cluster, GPU stages one per GPU")
     run.add_argument("--address", default=None,
                      help="the Ray cluster to join (host:port, ray://host:10001 or auto; default: start a local one)")
+    run.add_argument("--models-from", default=None, metavar="DIR",
+                     help="load each hub model of the grid from DIR/<model name> when that folder exists "
+                          "(offline nodes, local or random-weight checkpoints)")
     run.add_argument("--recompute", action="append", default=[], metavar="STAGE",
                      help="compute STAGE again even where its cached result is current, and every stage after it "
                           "(prepare-model, calibration, hessian, allocation, quantize, generate, execute, report); "
@@ -106,6 +109,11 @@ def cmd_run(args) -> int:
 
     grid = load_grid(args.grid)
     console = Console(stderr=True)
+    if args.models_from:
+        from qrobust.tasks.grid_file import with_local_models
+
+        grid, moved = with_local_models(grid, args.models_from)
+        console.print(f"loading {', '.join(moved)} from {args.models_from}")
     if args.runner == "threads":
         _check_kernels(grid)
     if args.dry_run:

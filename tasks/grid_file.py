@@ -159,3 +159,24 @@ def load_grid(path_or_name: str | None) -> GridConfig:
     if not path.exists():
         raise ConfigError(f"grid file {str(path)!r} does not exist")
     return parse_grid(path.read_text(), name=path.stem)
+
+
+def with_local_models(grid: GridConfig, directory: str) -> tuple[GridConfig, list[str]]:
+    """`grid` with every hub model that has a folder `directory/<model name>` loaded from there
+    (offline GPU nodes, random-weight checkpoints at real configurations); returns the models moved."""
+    root = Path(directory)
+    if not root.is_dir():
+        raise ConfigError(f"--models-from {directory!r} is not a directory")
+    moved, models = [], []
+    for model in grid.models:
+        local = root / model.name
+        if model.hf_id is not None and local.is_dir():
+            models.append(dataclasses.replace(model, hf_id=str(local.resolve())))
+            moved.append(model.name)
+        else:
+            models.append(model)
+    if not moved:
+        hub = [m.name for m in grid.models if m.hf_id is not None]
+        raise ConfigError(f"--models-from {directory!r} holds no folder named after a hub model of the grid; "
+                          f"expected one of: {', '.join(hub) or '(the grid has no hub models)'}")
+    return dataclasses.replace(grid, models=tuple(models)), moved

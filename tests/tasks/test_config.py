@@ -90,3 +90,16 @@ def test_kernel_and_batch_size_settings_are_validated():
     with pytest.raises(ConfigError, match="batch_size 'many' must be a positive integer or 'auto'"):
         parse_grid(base + '[generation]\nbatch_size = "many"\n')
     assert parse_grid(base + '[generation]\nbatch_size = "auto"\n').generation.batch_size == "auto"
+
+
+def test_models_from_a_directory_replace_the_hub_ids_of_the_models_found_there(tmp_path):
+    from qrobust.tasks.grid_file import load_grid, with_local_models
+
+    (tmp_path / "coda-1.7b").mkdir()
+    grid, moved = with_local_models(load_grid("paper"), str(tmp_path))
+    assert moved == ["coda-1.7b"]
+    models = {m.name: m.hf_id for m in grid.models}
+    assert models == {"coda-1.7b": str((tmp_path / "coda-1.7b").resolve()), "qwen3-1.7b": "Qwen/Qwen3-1.7B"}
+    with pytest.raises(ConfigError, match="holds no folder named after a hub model of the grid; expected one of: "
+                                          "coda-1.7b, qwen3-1.7b"):
+        with_local_models(load_grid("paper"), str(tmp_path / "coda-1.7b"))
