@@ -313,17 +313,17 @@ def train_in_portable_process(base_checkpoint_dir: Path, family: str, spec: Trai
     """`train_tiny_model` on `training_problems(spec)`, run in a new Python process with
     PORTABLE_NUMERICS (they only take effect when set before torch starts); returns its stats."""
     import dataclasses
+    import importlib.util
     import json
     import os
     import subprocess
     import sys
 
-    import qrobust
-
     request = {"base": str(base_checkpoint_dir), "family": family, "spec": dataclasses.asdict(spec),
                "max_new_tokens": max_new_tokens, "mask_token_id": mask_token_id, "out": str(out_dir),
                "logits_shift": logits_shift}
-    package_root = str(Path(qrobust.__file__).resolve().parent.parent)  # this very qrobust, in the child too
+    # the folder this very qrobust is imported from, so that the child imports it too
+    package_root = str(Path(importlib.util.find_spec("qrobust").origin).resolve().parent.parent)
     python_path = os.pathsep.join(p for p in (package_root, os.environ.get("PYTHONPATH")) if p)
     finished = subprocess.run(
         [sys.executable, "-m", "qrobust.tasks.models.training", json.dumps(request)],

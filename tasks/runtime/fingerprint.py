@@ -22,6 +22,7 @@ PROJECT = "qrobust"
 # Infrastructure that decides where and when a stage runs, never what it computes: editing it
 # invalidates nothing.
 NOT_RESULT_CODE = frozenset({
+    "qrobust",  # the package root: the Python API, which runs grids and computes nothing itself
     "qrobust.tasks.runtime.stage",
     "qrobust.tasks.runtime.fingerprint",
     "qrobust.tasks.runtime.locks",
@@ -75,6 +76,8 @@ def module_closure(roots: tuple[str, ...]) -> tuple[str, ...]:
         module = pending.pop()
         if module in seen:
             continue
+        if module.startswith(f"{PROJECT}.flows"):
+            raise ImportError(f"{module} is reached from {roots}: stage code must not import flows")
         path = _source_path(module)
         if path is None:
             raise ImportError(f"no source for module {module!r}")
