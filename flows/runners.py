@@ -95,7 +95,7 @@ def ray_session(spec: RunnerSpec, scale: ScaleSpec, gpu_stages: set[str], insecu
         try:
             ray.init(address=spec.address, logging_level=logging.WARNING)  # Ray's start-up news is noise here
         except ConnectionError as exc:
-            raise RunnerUnavailable(f"cannot join the Ray cluster at {spec.address}: {_first_line(exc)}") from None
+            raise RunnerUnavailable(f"cannot join the Ray cluster at {address}: {_first_line(exc)}") from None
     try:
         if demands_token is None:  # a cluster found here (auto, a local instance): ask the one joined
             demands_token = ray_demands_token(ray.get_runtime_context().gcs_address)
