@@ -53,7 +53,9 @@ def ray_demands_token(address: str) -> bool:
         return True
     if status == grpc.StatusCode.OK:
         return False
-    raise AccessError(f"cannot ask the Ray cluster at {address} whether it demands a token: gRPC {status.name}")
+    tls = " (a cluster with Ray's TLS on needs RAY_USE_TLS=1 and its RAY_TLS_* files here too)"
+    raise AccessError(f"cannot ask the Ray cluster at {address} whether it demands a token: gRPC {status.name}"
+                      + (tls if status == grpc.StatusCode.UNAVAILABLE else ""))
 
 
 def check_ray_token_presented(address: str) -> None:
@@ -131,7 +133,7 @@ def _ray_channel(target: str):
 
     if os.environ.get("RAY_USE_TLS", "0").lower() not in ("1", "true"):
         return grpc.insecure_channel(target)
-    from ray._private.tls_utils import load_certs_from_env
+    from ray._common.tls_utils import load_certs_from_env
 
     certificate_chain, private_key, ca_certificate = load_certs_from_env()
     credentials = grpc.ssl_channel_credentials(root_certificates=ca_certificate, private_key=private_key,

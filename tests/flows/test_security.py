@@ -92,9 +92,10 @@ def _ray_start(home: Path, log: Path, *arguments: str, auth_mode: str, ready_por
 
 
 @contextlib.contextmanager
-def ray_head(root: Path, auth_mode: str, gpus: int = 0):
+def ray_head(root: Path, auth_mode: str, tls: dict[str, str] | None = None):
     """A Ray head on this machine, addressed as 127.0.0.1:PORT. With `auth_mode` token, its token
-    is made as the README makes it (`ray get-auth-token --generate`, into the head's home)."""
+    is made as the README makes it (`ray get-auth-token --generate`, into the head's home);
+    `tls` is Ray's TLS settings (RAY_USE_TLS and its files), if any."""
     home = root / "head-home"
     home.mkdir()
     if auth_mode == "token":
@@ -104,7 +105,8 @@ def ray_head(root: Path, auth_mode: str, gpus: int = 0):
     arguments, temp_dir = _ray_start(home, root / "head.log", "--head", "--port", str(port),
                                      "--ray-client-server-port", str(client_port), "--dashboard-port",
                                      str(_free_port()), "--include-dashboard", "false", "--num-cpus", "2",
-                                     "--num-gpus", str(gpus), auth_mode=auth_mode, ready_port=client_port)
+                                     auth_mode=auth_mode, ready_port=client_port)
+    arguments[1].update(tls or {})
     try:
         with _process_group(*arguments):
             yield {"address": f"127.0.0.1:{port}", "client_address": f"ray://127.0.0.1:{client_port}",
@@ -215,6 +217,24 @@ def test_the_token_head_refuses_calls_without_its_token(token_head):
     assert ray_demands_token(token_head["client_address"])
 
 
+def test_a_cluster_with_ray_tls_is_asked_over_tls(tmp_path, monkeypatch):
+    from qrobust.flows.security import AccessError, ray_demands_token
+
+    names = f"subjectAltName=IP:127.0.0.1,IP:{ray.util.get_node_ip_address()}"  # Ray's own nodes use the latter
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=ray",
+                    "-keyout", str(tmp_path / "key.pem"), "-out", str(tmp_path / "cert.pem"), "-addext", names],
+                   check=True, capture_output=True)
+    tls = {"RAY_USE_TLS": "1", "RAY_TLS_SERVER_CERT": str(tmp_path / "cert.pem"),
+           "RAY_TLS_SERVER_KEY": str(tmp_path / "key.pem"), "RAY_TLS_CA_CERT": str(tmp_path / "cert.pem")}
+    with ray_head(tmp_path, "token", tls) as head:
+        for name, value in tls.items():
+            monkeypatch.setenv(name, value)
+        assert ray_demands_token(head["address"])
+        monkeypatch.delenv("RAY_USE_TLS")
+        with pytest.raises(AccessError, match="gRPC UNAVAILABLE .a cluster with Ray's TLS on needs RAY_USE_TLS=1"):
+            ray_demands_token(head["address"])
+
+
 def test_a_client_without_the_token_is_refused_with_one_line(token_head, tmp_path):
     result = _qrobust_run(tmp_path, "--runner", "ray", "--address", token_head["address"], env=_clean_env())
     assert f"the Ray cluster at {token_head['address']} demands a token: set RAY_AUTH_MODE=token" \
@@ -226,10 +246,11 @@ def test_a_client_with_another_token_is_refused_with_one_line(token_head, tmp_pa
     wrong.write_text("0" * 32)
     env = _clean_env(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(wrong))
     result = _qrobust_run(tmp_path, "--runner", "ray", "--address", token_head["client_address"], env=env)
-    assert f"the Ray cluster at {token_head['client_address']} refuses this machine's token" in _one_error_line(result)
+    line = _one_error_line(result)
+    assert f"the Ray cluster at {token_head['client_address']} refuses this machine's token" in line
 
 
-# --------------------------------------------------------------------------- Prefect: a server that demands its auth string
+# --------------------------------------------------------------------------- Prefect: a server with an auth string
 
 def test_the_prefect_server_answers_401_to_a_client_without_its_auth_string(prefect_api):
     assert _status(f"{prefect_api}/hello") == 401
