@@ -130,11 +130,13 @@ def ray_node_on_another_host(head: dict):
 
 
 @contextlib.contextmanager
-def prefect_server(root: Path):
-    """`prefect server start` on 127.0.0.1 with an auth string, its database in `root`."""
+def prefect_server(root: Path, auth_string: str | None = AUTH_STRING):
+    """`prefect server start` on 127.0.0.1 with `auth_string` (None: without one), its database in `root`."""
     port = _free_port()
     url = f"http://127.0.0.1:{port}/api"
-    env = _clean_env(PREFECT_HOME=str(root / "prefect-home"), PREFECT_SERVER_API_AUTH_STRING=AUTH_STRING)
+    env = _clean_env(PREFECT_HOME=str(root / "prefect-home"))
+    if auth_string:
+        env["PREFECT_SERVER_API_AUTH_STRING"] = auth_string
     command = ["prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port), "--no-ui", "--analytics-off"]
     with _process_group(command, env, root / "prefect.log", lambda: _status(f"{url}/health") == 200):
         yield url
@@ -269,6 +271,14 @@ def test_a_prefect_api_off_loopback_without_credentials_is_refused_with_one_line
     line = _one_error_line(result)
     assert f"the Prefect API at {OFF_LOOPBACK_API} is off loopback and this client has no credentials" in line
     assert "PREFECT_SERVER_API_AUTH_STRING" in line and "--insecure" in line
+
+
+def test_only_a_server_without_an_auth_string_answers_a_request_without_credentials(prefect_api, tmp_path):
+    from qrobust.flows.security import prefect_answers_anyone
+
+    assert not prefect_answers_anyone(prefect_api)
+    with prefect_server(tmp_path, auth_string=None) as open_api:
+        assert prefect_answers_anyone(open_api)
 
 
 def test_credentials_are_not_asked_of_an_api_on_loopback():
