@@ -31,6 +31,9 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--models-from", default=None, metavar="DIR",
                      help="load each hub model of the grid from DIR/<model name> when that folder exists "
                           "(offline nodes, local or random-weight checkpoints)")
+    run.add_argument("--insecure", action="store_true",
+                     help="go on with a Ray cluster across hosts that demands no token, or a Prefect API off loopback "
+                          "without credentials; the store records what was let through (docs/security.md)")
     run.add_argument("--recompute", action="append", default=[], metavar="STAGE",
                      help="compute STAGE again even where its cached result is current, and every stage after it "
                           "(prepare-model, calibration, hessian, allocation, quantize, generate, execute, report); "
@@ -126,7 +129,7 @@ def cmd_run(args) -> int:
     recompute = downstream_of(set(args.recompute))
     _check_sandbox(grid)
     workspace = Workspace.at(args.workspace)
-    summary = run_grid(grid, workspace, runner, recompute=recompute, report=not args.no_report)
+    summary = run_grid(grid, workspace, runner, recompute=recompute, report=not args.no_report, insecure=args.insecure)
     console.print(
         f"grid {grid.name!r}: {summary['done']} cells done, {summary['failed']} failed "
         f"in {summary['seconds']:.1f}s; store: {workspace.store_path}"

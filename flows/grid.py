@@ -144,19 +144,25 @@ def plan_grid(grid: GridConfig) -> list[CellPlan]:
 # --------------------------------------------------------------------------- running it
 
 def run_grid(grid: GridConfig, workspace: Workspace, runner: RunnerSpec = RunnerSpec(),
-             recompute: frozenset[str] = frozenset(), report: bool = True) -> dict:
-    """Run (or resume) a grid; returns a summary {done, failed, seconds, report}."""
+             recompute: frozenset[str] = frozenset(), report: bool = True, insecure: bool = False) -> dict:
+    """Run (or resume) a grid; returns a summary {done, failed, seconds, report}.
+
+    The Ray cluster and the Prefect API the run uses must keep others out (`flows.security`);
+    `insecure` lets it go on where they do not, and the run records what it let through.
+    """
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
     from qrobust.flows.runners import prefect_settings
+    from qrobust.flows.security import check_prefect_api
 
     flow = grid_flow.with_options(task_runner=runner.task_runner())
     with prefect_settings(), prefect_logs_to(workspace.logs / "prefect.log"):
+        waived = tuple(check_prefect_api(insecure))
         if runner.name == "threads":
-            return flow(grid, workspace, runner, recompute, report)
-        with ray_session(runner, grid.scale, _gpu_stages(grid)) as api_url, \
-                temporary_settings({PREFECT_API_URL: api_url}):
-            return flow(grid, workspace, runner, recompute, report)
+            return flow(grid, workspace, runner, recompute, report, waived)
+        with ray_session(runner, grid.scale, _gpu_stages(grid), insecure) as session, \
+                temporary_settings({PREFECT_API_URL: session.api_url}):
+            return flow(grid, workspace, runner, recompute, report, waived + session.waived)
 
 
 def _gpu_stages(grid: GridConfig) -> set[str]:
@@ -177,14 +183,16 @@ def _flow(fn):
 
 @_flow
 def grid_flow(grid: GridConfig, workspace: Workspace, runner: RunnerSpec = RunnerSpec(),
-              recompute: frozenset[str] = frozenset(), report: bool = True) -> dict:
+              recompute: frozenset[str] = frozenset(), report: bool = True, waived: tuple[str, ...] = ()) -> dict:
+    """`waived`: what `--insecure` let through (one line each), recorded before anything runs."""
     from qrobust.tasks.storage.store import Store, write_pairs
 
     started = time.perf_counter()
     store = Store(workspace.store_path)
     plans = plan_grid(grid)
     progress = GridProgress(len(plans))
-    run = GridRun(grid, workspace, store, progress, Submitter(workspace, runner, grid.scale, recompute))
+    run = GridRun(grid, workspace, store, progress, Submitter(workspace, runner, grid.scale, recompute), waived)
+    run.record_waived()
     store.write(write_pairs, grid.pairs)
     run.start(plans)
     run.follow()
@@ -202,11 +210,21 @@ class GridRun:
     store: "Store"
     progress: "GridProgress"
     submitter: Submitter
+    waived: tuple[str, ...] = ()  # what --insecure let through
     waiting: dict[StageCall, list[CellPlan]] = field(default_factory=dict)
     pending: dict[int, int] = field(default_factory=dict)  # id(cell plan) -> calls not yet finished
     outcomes: dict[StageCall, Any] = field(default_factory=dict)  # artifact, or the failure's one line
     backend: str | None = None
     report_paths: dict | None = None
+
+    def record_waived(self) -> None:
+        """Each thing `--insecure` let through: announced, one `stage_events` row (stage `security`,
+        state `Insecure`) for the run, and `insecure` in the config_json of every cell it stores."""
+        from qrobust.tasks.storage.store import record_event
+
+        for problem in self.waived:
+            self.progress.note(f"[yellow]insecure: {problem}[/yellow]")
+            self.store.write(record_event, self.grid.name, "security", "Insecure", error=problem)
 
     def start(self, plans: list[CellPlan]) -> None:
         for plan in plans:
@@ -313,6 +331,7 @@ class GridRun:
             "format": format_record(benchmark_format(cell.benchmark.name, cell.model.prompt_style)),
             "sandbox": canonical(self.grid.sandbox),
             "grid": self.grid.name,
+            **self.insecure_record(),
         }
         stage_keys = [{"stage": c.stage.name, "shard": c.shard, "key": c.key} for c in plan.calls]
         checkpoint = self.outcomes.get(plan.checkpoint)
@@ -323,12 +342,16 @@ class GridRun:
                 "environments": [g.environment for g in generated if getattr(g, "environment", None)],
                 "quantize_environment": getattr(checkpoint, "environment", None)}
 
+    def insecure_record(self) -> dict:
+        return {"insecure": list(self.waived)} if self.waived else {}
+
     def record_failure(self, cell: Cell, error: str) -> None:
         from qrobust.tasks.storage.store import record_event, write_cell
 
         from qrobust.tasks.config import canonical
 
-        record = {"config": {"cell": canonical(cell), "grid": self.grid.name}, "status": "failed", "error": error}
+        config = {"cell": canonical(cell), "grid": self.grid.name, **self.insecure_record()}
+        record = {"config": config, "status": "failed", "error": error}
 
         def write(con) -> None:
             write_cell(con, cell, record, [], None)

@@ -21,10 +21,10 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlparse
 
+from qrobust.flows.security import LOOPBACK_HOSTS
 from qrobust.tasks.config import GPU_STAGES, ScaleSpec
 
 RUNNERS = ("threads", "ray")
-LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 
 
 class RunnerUnavailable(ValueError):
@@ -56,12 +56,22 @@ class RunnerSpec:
 
 # --------------------------------------------------------------------------- Ray session
 
+@dataclass(frozen=True)
+class RaySession:
+    """A joined Ray cluster: the Prefect API its workers report to, and what `insecure` let through."""
+
+    api_url: str
+    waived: tuple[str, ...] = ()
+
+
 @contextlib.contextmanager
-def ray_session(spec: RunnerSpec, scale: ScaleSpec, gpu_stages: set[str]):
-    """Join (or start) the Ray cluster for a run and yield the Prefect API URL its workers use.
+def ray_session(spec: RunnerSpec, scale: ScaleSpec, gpu_stages: set[str], insecure: bool = False):
+    """Join (or start) the Ray cluster for a run and yield its `RaySession`.
 
     `gpu_stages` are the GPU stages the grid runs. A Ray instance this process already started
-    is used as it is. Ray workers report their
+    is used as it is. A cluster at an address is asked first whether it demands Ray's token and,
+    if it does, whether it accepts this machine's; once joined, a cluster that demands none is
+    refused where it has nodes on other hosts (`flows.security`). Ray workers report their
     task runs to the flow's Prefect API. Without a configured server that is the temporary one
     Prefect starts on this machine's loopback, which workers on other hosts cannot reach: such
     a cluster needs PREFECT_API_URL set to a shared server.
@@ -71,28 +81,45 @@ def ray_session(spec: RunnerSpec, scale: ScaleSpec, gpu_stages: set[str]):
         import prefect_ray  # noqa: F401  (checked here so a missing extra is one clear error)
     except ImportError:
         raise RunnerUnavailable("--runner ray needs Ray: pip install 'qrobust[ray]'") from None
+    from qrobust.flows.security import check_ray_cluster, check_ray_token_presented, ray_demands_token
 
     started_here = not ray.is_initialized()
+    demands_token = None
+    address = _cluster_address(spec.address)
     if started_here:
-        _probe(spec.address)
+        if address not in (None, "auto", "local"):
+            _probe(address)
+            demands_token = ray_demands_token(address)
+            if demands_token:
+                check_ray_token_presented(address)
         try:
             ray.init(address=spec.address, logging_level=logging.WARNING)  # Ray's start-up news is noise here
         except ConnectionError as exc:
-            raise RunnerUnavailable(f"cannot join the Ray cluster at {spec.address}: {_first_line(exc)}") from None
+            raise RunnerUnavailable(f"cannot join the Ray cluster at {address}: {_first_line(exc)}") from None
     try:
+        if demands_token is None:  # a cluster found here (auto, a local instance): ask the one joined
+            demands_token = ray_demands_token(ray.get_runtime_context().gcs_address)
+        elsewhere = _nodes_on_other_hosts()
+        cluster = f"the Ray cluster at {address}" if address else "the local Ray instance"
+        waived = check_ray_cluster(cluster, demands_token, elsewhere, insecure)
         _check_gpus(scale, gpu_stages)
         api_url = _prefect_api_url()
-        _check_workers_reach(api_url)
-        yield api_url
+        _check_workers_reach(api_url, elsewhere)
+        yield RaySession(api_url, tuple(waived))
     finally:
         if started_here:
             ray.shutdown()
 
 
-def _probe(address: str | None) -> None:
+def _cluster_address(address: str | None) -> str | None:
+    """The address `ray.init` will join: the one given, else RAY_ADDRESS (None: a new local instance)."""
+    import os
+
+    return address or os.environ.get("RAY_ADDRESS") or None
+
+
+def _probe(address: str) -> None:
     """Fail at once on an address nothing listens at (Ray itself would retry for minutes)."""
-    if address in (None, "auto", "local"):
-        return
     target = urlparse(address if "://" in address else f"ray://{address}")
     try:
         socket.create_connection((target.hostname, target.port), timeout=10).close()
@@ -127,17 +154,20 @@ def _prefect_api_url() -> str:
     return server.api_url
 
 
-def _check_workers_reach(api_url: str) -> None:
+def _nodes_on_other_hosts() -> list[str]:
+    """The addresses of the joined cluster's live nodes that are not this host."""
     import ray
 
-    if urlparse(api_url).hostname not in LOOPBACK_HOSTS:
-        return
     here = ray.util.get_node_ip_address()
-    elsewhere = sorted({n["NodeManagerAddress"] for n in ray.nodes() if n["Alive"]} - {here})
-    if elsewhere:
+    return sorted({n["NodeManagerAddress"] for n in ray.nodes() if n["Alive"]} - {here})
+
+
+def _check_workers_reach(api_url: str, nodes_elsewhere: list[str]) -> None:
+    if urlparse(api_url).hostname in LOOPBACK_HOSTS and nodes_elsewhere:
         raise RunnerUnavailable(
-            f"Ray nodes on other hosts ({', '.join(elsewhere)}) cannot reach the Prefect API at {api_url}: "
-            "run `prefect server start --host 0.0.0.0` and set PREFECT_API_URL=http://THIS_HOST:4200/api"
+            f"Ray nodes on other hosts ({', '.join(nodes_elsewhere)}) cannot reach the Prefect API at {api_url}: "
+            "run a Prefect server every node reaches and set PREFECT_API_URL=http://THAT_HOST:4200/api "
+            "(README: Scaling out)"
         )
 
 

@@ -33,15 +33,17 @@ __all__ = ["__version__", "connect", "results", "run"]
 
 
 def run(grid="tiny", workspace=None, *, runner: str = "threads", address: str | None = None,
-        recompute: tuple[str, ...] = (), report: bool = True) -> dict:
+        recompute: tuple[str, ...] = (), report: bool = True, insecure: bool = False) -> dict:
     """Run (or resume) a grid; returns {done, failed, seconds, report}.
 
     `grid` is a bundled grid name, a TOML path or a parsed `GridConfig`; `workspace` a directory
     (default ./qrobust-workspace). Cached stages are reused; `recompute` names stages to force.
+    `insecure` goes on with a Ray cluster or Prefect API that others could use (`qrobust run --insecure`).
     """
     from qrobust.flows.api import run_grid_api
 
-    return run_grid_api(grid, workspace, runner=runner, address=address, recompute=recompute, report=report)
+    return run_grid_api(grid, workspace, runner=runner, address=address, recompute=recompute, report=report,
+                        insecure=insecure)
 
 
 def results(workspace=None, table: str = "results"):
