@@ -134,7 +134,8 @@ def plan_grid(grid: GridConfig) -> list[CellPlan]:
         for index, shard in enumerate(shards):
             generate = call("generate", (shard, model.prompt_style, cell.generation, model.family, checkpoint),
                             cell.cell_id, index)
-            execute = call("execute", (shard, model.prompt_style, generate, grid.sandbox), cell.cell_id, index)
+            execute = call("execute", (shard, model.prompt_style, generate, grid.sandbox_for(model),
+                                       cell.generation.harness), cell.cell_id, index)
             plan.shards.append((generate, execute))
             plan.calls += [generate, execute]
         plans.append(plan)
@@ -178,7 +179,7 @@ def _flow(fn):
 @_flow
 def grid_flow(grid: GridConfig, workspace: Workspace, runner: RunnerSpec = RunnerSpec(),
               recompute: frozenset[str] = frozenset(), report: bool = True) -> dict:
-    from qrobust.tasks.storage.store import Store, write_pairs
+    from qrobust.tasks.storage.store import Store, write_pairs, write_published_scores
 
     started = time.perf_counter()
     store = Store(workspace.store_path)
@@ -186,6 +187,7 @@ def grid_flow(grid: GridConfig, workspace: Workspace, runner: RunnerSpec = Runne
     progress = GridProgress(len(plans))
     run = GridRun(grid, workspace, store, progress, Submitter(workspace, runner, grid.scale, recompute))
     store.write(write_pairs, grid.pairs)
+    store.write(write_published_scores, grid.published)
     run.start(plans)
     run.follow()
     run.finish(report, recompute)
@@ -311,7 +313,7 @@ class GridRun:
         config = {
             "cell": canonical(cell),
             "format": format_record(benchmark_format(cell.benchmark.name, cell.model.prompt_style)),
-            "sandbox": canonical(self.grid.sandbox),
+            "sandbox": canonical(self.grid.sandbox_for(cell.model)),
             "grid": self.grid.name,
         }
         stage_keys = [{"stage": c.stage.name, "shard": c.shard, "key": c.key} for c in plan.calls]

@@ -51,4 +51,5 @@ def test_mbpp_prompt_shows_the_description_and_first_test():
 def test_chat_answers_are_reduced_to_their_first_code_block():
     answer = "Sure:\n```python\ndef f():\n    return 1\n```\nmore text"
     assert extract_code(answer) == "def f():\n    return 1\n"
-    assert postprocess(answer, benchmark_format("mbpp", "chat")) == "def f():\n    return 1\n"
+    problem = load_problems(BenchmarkSpec("mbpp", path=MBPP_SAMPLE, limit=1))[0]
+    assert postprocess(answer, benchmark_format("mbpp", "chat"), problem) == "def f():\n    return 1\n"

@@ -111,13 +111,14 @@ def test_humaneval_instruct_asks_for_the_function_and_starts_the_answer_inside_i
     assert prefix == "Here is the completed function:\n```python\n" + problem.prompt + "\n"
 
 
-def test_humaneval_instruct_answer_is_cut_at_each_stop_string_and_continues_the_prompt():
+def test_humaneval_instruct_answer_is_cut_at_the_stop_strings_and_run_as_the_sanitized_prompt_and_body():
     problem = load_problems(BenchmarkSpec("humaneval", limit=1))[0]
     fmt = benchmark_format("humaneval", "coda-instruct")
     answer = "    return True\n```\n\nExplanation:\nif you want\ndef other(): pass"
-    completion = postprocess(answer, fmt)
-    assert completion == "    return True\n"
-    assert build_program(problem, completion, fmt).startswith(problem.prompt + "    return True\n")
+    completion = postprocess(answer, fmt, problem)
+    assert completion.startswith("from typing import List\ndef has_close_elements(")
+    assert completion.endswith('"""\n    return True') and "def other" not in completion
+    assert build_program(problem, completion, fmt).startswith(completion + "\n\n" + problem.test)
 
 
 def test_mbpp_instruct_shows_every_test_and_the_answer_is_the_code_before_the_fence():
@@ -127,7 +128,7 @@ def test_mbpp_instruct_shows_every_test_and_the_answer_is_the_code_before_the_fe
     assert prompt.startswith(f"You are an expert Python programmer, and here is your task: {problem.description} ")
     assert prompt.endswith("Your code should pass these tests:\n\n" + "\n".join(problem.test_list))
     assert render_generation_prefix(problem, fmt) == "Here is the completed function:\n```python\n"
-    assert postprocess("def f():\n    return 1\n```\nDone.", fmt) == "def f():\n    return 1\n"
+    assert postprocess("def f():\n    return 1\n```\nDone.", fmt, problem) == "def f():\n    return 1\n"
 
 
 def test_model_input_is_the_chat_template_then_the_generation_prefix():
@@ -144,9 +145,10 @@ def test_model_input_is_the_chat_template_then_the_generation_prefix():
     assert text == chat + render_generation_prefix(problem, fmt)
 
 
-def test_every_format_records_where_it_comes_from():
-    for benchmark in ("humaneval", "mbpp"):
-        assert "lm-evaluation-harness" in benchmark_format(benchmark, "coda-instruct").source
+def test_every_coda_format_cites_codas_own_task_files():
+    for benchmark in ("humaneval", "mbpp", "humaneval-plus", "mbpp-plus"):
+        source = benchmark_format(benchmark, "coda-instruct").source
+        assert source.startswith("CoDA evaluation/lm_eval/lm_eval/tasks/") and "Dream" not in source
 
 
 # --------------------------------------------------------------------------- the bundled study grids
