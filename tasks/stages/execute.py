@@ -168,19 +168,24 @@ def evaluate_sample_file(path: str, benchmark_spec, sandbox: SandboxSpec, style:
     if unknown:
         raise ValueError(f"unknown {benchmark_spec.name} task_id {unknown[0]!r} in {path}")
     fmt = benchmark_format(benchmark_spec.name, style)
-    cleaned = [_cleaned(record, fmt, problems[record["task_id"]], raw_completions) for record in records]
-    return judge(problems, cleaned, fmt, sandbox, harness=harness)
+    return judge(problems, clean_records(records, fmt, problems, raw_completions), fmt, sandbox, harness=harness)
 
 
-def _cleaned(record: dict, fmt: BenchmarkFormat, problem: Problem, raw_completions: bool) -> dict:
-    if record.get("solution") is not None:
-        return record
-    raw = record.get("answer")
-    if raw is None and raw_completions:
-        raw = record["completion"]
-    if raw is None:
-        return record
-    return {**record, "completion": postprocess(raw, fmt, problem)}
+def clean_records(records: list[dict], fmt: BenchmarkFormat, problems: dict[str, Problem],
+                  raw_completions: bool = False) -> list[dict]:
+    """Each record with its raw answer (`answer`, or with `raw_completions` the `completion`)
+    turned into the completion the format's clean-up makes of it; whole-program `solution`s and
+    already cleaned completions are kept as they are."""
+    cleaned = []
+    for record in records:
+        raw = record.get("answer")
+        if raw is None and raw_completions and record.get("solution") is None:
+            raw = record.get("completion")
+        if record.get("solution") is not None or raw is None:
+            cleaned.append(record)
+        else:
+            cleaned.append({**record, "completion": postprocess(raw, fmt, problems[record["task_id"]])})
+    return cleaned
 
 
 STAGE = Stage("execute", execute_shard, JudgedShard, extra_modules=("qrobust.sandbox.runner",), retries=1)

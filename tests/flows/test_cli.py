@@ -105,7 +105,7 @@ def test_evaluate_scores_samples_from_any_generator(tmp_path):
     lines.append({"task_id": problems[0]["task_id"], "completion": "    return None\n"})
     samples = tmp_path / "samples.jsonl"
     samples.write_text("\n".join(json.dumps(line) for line in lines))
-    assert [r["sample_idx"] for r in read_sample_file(str(samples))] == [0, 0, 0, 1]
+    assert [r["sample_idx"] for r in read_sample_file(str(samples), "humaneval")] == [0, 0, 0, 1]
     out = tmp_path / "verdicts.jsonl"
     result = _qrobust("evaluate", str(samples), "--benchmark", "humaneval", "--out", str(out))
     from tests.conftest import require_or_skip
