@@ -155,7 +155,7 @@ def generation_settings(cell) -> str:
         settings.append(f"top_k={g.top_k}")
     if cell.model.family == "diffusion":
         settings += [f"steps={g.steps}", f"alg={g.alg}", f"alg_temp={g.alg_temp}", f"eps={g.eps}",
-                     f"block_length={g.block_length}"]
+                     f"block_length={g.block_length}", f"harness={g.harness}"]
     settings += [f"n_samples={g.n_samples}", f"seed={g.seed}", f"dtype={cell.model.dtype}", f"weights={g.weights}"]
     return " ".join(settings)
 
