@@ -650,3 +650,19 @@ def test_a_published_answer_keeps_special_tokens_and_ends_at_the_eos_text_only()
     text, count = published_answer_text(tokenizer, answer)
     assert text == "return x" + tokenizer.pad_token + tokenizer.mask_token + "return x"
     assert count == 2 * len(ids) + 2
+
+
+def test_a_tiny_diffusion_model_answers_under_the_published_harness(tiny_models, shared_workspace):
+    from qrobust.tasks.config import GenerationSpec
+    from qrobust.tasks.decoding.diffusion import answers
+    from qrobust.tasks.models.loading import load_model, load_tokenizer
+
+    checkpoint = tiny_models["tiny-diffusion"]
+    model = load_model(checkpoint, shared_workspace, "cpu")
+    tokenizer = load_tokenizer(checkpoint, shared_workspace)
+    generation = GenerationSpec(max_new_tokens=8, steps=8, harness="coda-published", batch_size=32, shard_size=32)
+    prompts = ["def add(a, b):\n", "def a_much_longer_function_name(first, second, third):\n"]
+    texts, counts = answers(model, tokenizer, prompts, generation, checkpoint, seed=0)
+    again, _ = answers(model, tokenizer, prompts, generation, checkpoint, seed=0)
+    assert texts == again and len(texts) == 2
+    assert all(tokenizer.eos_token not in text for text in texts) and all(0 <= c <= 8 for c in counts)
