@@ -13,7 +13,7 @@ Which cells are compared
 ------------------------
 - A cell is reported once it has a ``results`` row.
 - A quantized cell (``method <> 'fp'``) is compared with the fp cell of the
-  same model, benchmark and ``n_samples``, on the problems both have.
+  same model, benchmark, ``n_samples`` and harness, on the problems both have.
 - A claim row pairs the quantized cells of a declared ``pairs`` row that share
   method, bits, budget and benchmark; it uses the problems all four cells
   (two quantized, two fp) have.
@@ -100,6 +100,7 @@ _VIEWS = {
         JOIN results f
           ON f.method = '{BASELINE}' AND f.model = q.model AND f.benchmark = q.benchmark
          AND f.n_samples IS NOT DISTINCT FROM q.n_samples
+         AND f.harness IS NOT DISTINCT FROM q.harness
         WHERE q.method <> '{BASELINE}'""",
     # Per-problem paired outcomes of each quantized cell and its fp cell (common problems only).
     "degradation_problems": """

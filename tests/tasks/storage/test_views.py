@@ -21,7 +21,7 @@ CREATE TABLE samples (cell_id VARCHAR, model VARCHAR, family VARCHAR, method VAR
     sandbox VARCHAR);
 CREATE TABLE results (cell_id VARCHAR, model VARCHAR, family VARCHAR, method VARCHAR, bits INTEGER,
     budget DOUBLE, avg_bits DOUBLE, benchmark VARCHAR, n_problems INTEGER, n_samples INTEGER,
-    pass_at_1 DOUBLE, model_bytes BIGINT, peak_mem_bytes BIGINT, gen_tokens_per_s DOUBLE);
+    pass_at_1 DOUBLE, model_bytes BIGINT, peak_mem_bytes BIGINT, gen_tokens_per_s DOUBLE, harness VARCHAR);
 CREATE TABLE pairs (diffusion_model VARCHAR, ar_model VARCHAR);
 """
 
@@ -311,3 +311,14 @@ def test_example_queries_in_the_module_docstring_run(store):
     assert len(queries) == 3
     for query in queries:
         assert store.sql(query).fetchall()
+
+
+def test_a_cell_of_the_published_harness_is_compared_with_the_fp_cell_of_that_harness(store):
+    add_cell(store, "coda-fp-published", "coda", "fp", None, None, "humaneval", greedy(CODA_FP))
+    add_cell(store, "coda-gptq4-published", "coda", "gptq", 4, None, "humaneval", greedy(CODA_GPTQ4))
+    store.execute("UPDATE results SET harness = 'coda-published' WHERE cell_id LIKE '%-published'")
+    views.create_views(store)
+    pairs = dict(store.sql("SELECT cell_id, fp_cell_id FROM degradation WHERE model = 'coda' "
+                           "AND benchmark = 'humaneval'").fetchall())
+    assert pairs["coda-gptq4-published"] == "coda-fp-published" and pairs["coda-gptq4"] == "coda-fp"
+    assert len(pairs) == 4
