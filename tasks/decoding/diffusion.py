@@ -553,7 +553,8 @@ def coda_published_generate(
     count x (1 - s/t)) most confident positions of each row (all at the last step), chosen by
     top-k over the whole row, where positions not masked have confidence -inf: a row with fewer
     masked positions than that count has unmasked positions overwritten with the mask token, as
-    in the harness. A drawn mask token leaves its position masked.
+    in the harness. A drawn mask token leaves its position masked. Under alg `origin` each
+    masked position instead draws its token with probability 1 - s/t (1 at the last step).
     """
     _require(settings.block_length is None, "the published harness denoises the answer as one block")
     batch, prompt_length = prompt_ids.shape
@@ -565,9 +566,14 @@ def coda_published_generate(
         if columns.numel() == 0:
             break  # nothing left to denoise: the remaining steps would change nothing
         logits = logits_at(ids, columns.expand(batch, -1))
-        confidence, tokens = published_scores(logits[masked[:, columns]], settings, generator)
-        masked_mean = masked.sum() / batch
+        masked_logits = logits[masked[:, columns]]
         t, s = timesteps[step], timesteps[step + 1]
+        if settings.alg == "origin":
+            _published_origin_step(ids, masked, masked_logits, 1 - s / t if step < settings.steps - 1 else 1,
+                                   settings, mask_token_id, generator)
+            continue
+        confidence, tokens = published_scores(masked_logits, settings, generator)
+        masked_mean = masked.sum() / batch
         count = int(masked_mean * (1 - s / t)) if step < settings.steps - 1 else int(masked_mean)
         if count == 0:
             continue
@@ -578,6 +584,17 @@ def coda_published_generate(
         proposal[masked] = tokens
         ids.scatter_(1, chosen, proposal.gather(1, chosen))
     return ids[:, prompt_length:]
+
+
+def _published_origin_step(ids: torch.Tensor, masked: torch.Tensor, masked_logits: torch.Tensor, transfer_prob,
+                           settings: DiffusionSamplerSettings, mask_token_id: int, generator: torch.Generator) -> None:
+    """The harness's `origin` rule, in place: each masked position draws a token with
+    probability `transfer_prob` (the rest stay masked)."""
+    transfer = _uniform((masked_logits.shape[0],), generator, ids.device) < transfer_prob
+    proposal = torch.full((masked_logits.shape[0],), mask_token_id, dtype=ids.dtype, device=ids.device)
+    if bool(transfer.any()):
+        proposal[transfer] = published_scores(masked_logits[transfer], settings, generator)[1]
+    ids[masked] = proposal
 
 
 def _published_positions(row_confidence: torch.Tensor, count: int, alg_temp: float | None,
@@ -627,8 +644,6 @@ def _published_score_rows(logits: torch.Tensor, settings: DiffusionSamplerSettin
         confidence = top_two[:, 0] - top_two[:, 1]
     elif settings.alg == "entropy":
         confidence = (probs * torch.log(probs + PUBLISHED_ENTROPY_EPSILON)).sum(dim=-1)
-    elif settings.alg == "origin":
-        raise ValueError("the published harness runs a confidence alg; alg 'origin' is not reproduced")
     return confidence, tokens
 
 

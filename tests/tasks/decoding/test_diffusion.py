@@ -666,3 +666,13 @@ def test_a_tiny_diffusion_model_answers_under_the_published_harness(tiny_models,
     again, _ = answers(model, tokenizer, prompts, generation, checkpoint, seed=0)
     assert texts == again and len(texts) == 2
     assert all(tokenizer.eos_token not in text for text in texts) and all(0 <= c <= 8 for c in counts)
+
+
+def test_published_origin_commits_each_masked_position_with_probability_one_minus_s_over_t():
+    settings = DiffusionSamplerSettings(400, 2, alg="origin")
+    _, seen = published(lambda b, p: preferring(4), settings, torch.tensor([[1, 2]]))
+    committed_first = int((seen[1][0, 2:] != MASK_ID).sum())
+    s_over_t = torch.linspace(1, settings.eps, 3)[1].item()
+    assert abs(committed_first / 400 - (1 - s_over_t)) < 0.08
+    answer, _ = published(lambda b, p: preferring(4), settings, torch.tensor([[1, 2]]))
+    assert (answer == 4).all()  # the last step commits every position left
