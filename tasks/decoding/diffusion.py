@@ -24,13 +24,17 @@ the draw and the confidence are computed on those candidates alone.
 sampler as its published evaluation runs it, for reproducing the published numbers. Where the
 two differ, the default keeps each row independent of its batch and of floating-point ties:
 
-| | row-independent (default) | coda-published |
-| --- | --- | --- |
-| pads of a left-padded batch | invisible; positions start at each row's first token | attended to; positions start at the first pad (CoDA's forward ignores the pad mask) |
-| scoring arithmetic | float32 | the model's dtype (bf16), top-p sorted over the whole vocabulary, kept while the mass before a token is <= top_p |
-| the mask token | never drawn | may be drawn; a position that draws it stays masked and is scored again |
-| tokens committed per step | fixed in advance per row | int(batch-mean masked count x (1 - s/t)) from the current state, top-k over each whole row |
-| the answer | tokens before eos, pad or mask, special tokens dropped | the decoded text, special tokens kept, cut at the eos text only |
+- pads of a left-padded batch: invisible, positions counted from each row's first token (default);
+  attended to, positions counted from the first pad, since CoDA's forward ignores the pad mask
+  (published).
+- scoring arithmetic: float32 (default); the model's dtype, bf16, with top-p sorted over the whole
+  vocabulary and a token kept while the mass before it is <= top_p (published).
+- the mask token: never drawn (default); drawable, and a position that draws it stays masked and
+  is scored again (published).
+- tokens committed per step: fixed in advance per row (default); int(batch-mean masked count x
+  (1 - s/t)) from the current state, by top-k over each whole row (published).
+- the answer: the tokens before eos, pad or mask, special tokens dropped (default); the decoded
+  text with its special tokens, cut at the eos text only (published).
 
 Random draws come from the caller's generator in both, so sampled answers are the same
 distribution as CoDA's, not the same draws.

@@ -24,7 +24,7 @@ from qrobust.tasks.benchmarks import (
     load_problems,
     postprocess,
 )
-from qrobust.tasks.config import SandboxSpec
+from qrobust.tasks.config import DEFAULT_HARNESS, SandboxSpec
 from qrobust.tasks.runtime.stage import Stage, StageContext
 
 VERDICTS = "verdicts.jsonl"
@@ -35,7 +35,7 @@ def sample_key(task_id: str, sample_idx: int) -> str:
 
 
 def judge(problems: dict[str, Problem], records: list[dict], fmt: BenchmarkFormat, sandbox: SandboxSpec,
-          progress=None, harness: str = "row-independent") -> tuple[str, list[dict]]:
+          progress=None, harness: str = DEFAULT_HARNESS) -> tuple[str, list[dict]]:
     """Run each record's program in the sandbox; returns (backend used, verdict records).
 
     A record has task_id, sample_idx and either `completion` (post-processed model output,
@@ -159,7 +159,7 @@ def _jsonl_records(path: Path):
 
 
 def evaluate_sample_file(path: str, benchmark_spec, sandbox: SandboxSpec, style: str = "completion",
-                         raw_completions: bool = False, harness: str = "row-independent"):
+                         raw_completions: bool = False, harness: str = DEFAULT_HARNESS):
     """Score a sample file from any generator; returns (backend, verdicts). A record's `answer`, or
     with `raw_completions` its `completion`, is a raw model answer and gets the style's clean-up."""
     problems = {p.task_id: p for p in load_problems(benchmark_spec)}

@@ -17,9 +17,8 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from qrobust.tasks.config import DEFAULT_HARNESS
 from qrobust.tasks.methods import BASELINE, method_class, mixed_precision_methods, plot_style
-
-DEFAULT_HARNESS = "row-independent"
 
 # pass@k columns shown beside pass@1 when the cells have enough samples per problem.
 REPORTED_KS = (5, 10, 20, 50, 100)

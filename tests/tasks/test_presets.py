@@ -169,7 +169,8 @@ def test_paper_grid_samples_coda_as_published_and_qwen3_as_its_model_card_sugges
     grid = load_grid("paper")
     for cell in grid.cells():
         g, model = cell.generation, cell.model
-        assert (model.prompt_style, model.dtype, g.max_new_tokens, g.n_samples) == ("coda-instruct", "bfloat16", 768, 10)
+        settings = (model.prompt_style, model.dtype, g.max_new_tokens, g.n_samples)
+        assert settings == ("coda-instruct", "bfloat16", 768, 10)
         assert (g.harness, g.batch_size, g.shard_size) == ("row-independent", 32, 32)
         if model.name == "coda-1.7b":
             assert model.architecture == "coda" and model.mask_token_id == 151669
@@ -192,7 +193,8 @@ def test_paper_grids_sample_count_detects_a_five_point_drop_on_humaneval_at_coda
 def test_the_paper_grid_uncommented_reproduces_codas_published_harness():
     from qrobust.tasks.runtime.bundled import data_path
 
-    text = data_path("grids/paper.toml").read_text().replace('# harness = "coda-published"', 'harness = "coda-published"')
+    commented = data_path("grids/paper.toml").read_text()
+    text = commented.replace('# harness = "coda-published"', 'harness = "coda-published"')
     grid = parse_grid(text)
     coda, qwen3 = grid.models
     assert grid.generation_for(coda).harness == "coda-published" and grid.sandbox_for(coda).timeout_s == 3.0
