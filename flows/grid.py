@@ -134,7 +134,8 @@ def plan_grid(grid: GridConfig) -> list[CellPlan]:
         for index, shard in enumerate(shards):
             generate = call("generate", (shard, model.prompt_style, cell.generation, model.family, checkpoint),
                             cell.cell_id, index)
-            execute = call("execute", (shard, model.prompt_style, generate, grid.sandbox), cell.cell_id, index)
+            execute = call("execute", (shard, model.prompt_style, generate, grid.sandbox_for(model),
+                                       cell.generation.harness), cell.cell_id, index)
             plan.shards.append((generate, execute))
             plan.calls += [generate, execute]
         plans.append(plan)
@@ -185,7 +186,7 @@ def _flow(fn):
 def grid_flow(grid: GridConfig, workspace: Workspace, runner: RunnerSpec = RunnerSpec(),
               recompute: frozenset[str] = frozenset(), report: bool = True, waived: tuple[str, ...] = ()) -> dict:
     """`waived`: what `--insecure` let through (one line each), recorded before anything runs."""
-    from qrobust.tasks.storage.store import Store, write_pairs
+    from qrobust.tasks.storage.store import Store, write_pairs, write_published_scores
 
     started = time.perf_counter()
     store = Store(workspace.store_path)
@@ -194,6 +195,7 @@ def grid_flow(grid: GridConfig, workspace: Workspace, runner: RunnerSpec = Runne
     run = GridRun(grid, workspace, store, progress, Submitter(workspace, runner, grid.scale, recompute), waived)
     run.record_waived()
     store.write(write_pairs, grid.pairs)
+    store.write(write_published_scores, grid.published)
     run.start(plans)
     run.follow()
     run.finish(report, recompute)
@@ -329,7 +331,7 @@ class GridRun:
         config = {
             "cell": canonical(cell),
             "format": format_record(benchmark_format(cell.benchmark.name, cell.model.prompt_style)),
-            "sandbox": canonical(self.grid.sandbox),
+            "sandbox": canonical(self.grid.sandbox_for(cell.model)),
             "grid": self.grid.name,
             **self.insecure_record(),
         }

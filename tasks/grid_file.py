@@ -20,6 +20,7 @@ from qrobust.tasks.config import (
     GridConfig,
     ModelSpec,
     PairSpec,
+    PublishedScore,
     SandboxSpec,
     ScaleSpec,
     TinyArchitecture,
@@ -27,7 +28,7 @@ from qrobust.tasks.config import (
     build_config,
 )
 from qrobust.tasks.methods import parse_method_entry
-from qrobust.tasks.presets import BUILTIN_MODELS, KNOWN_INPUT_WIDTHS
+from qrobust.tasks.presets import BUILTIN_MODELS, KNOWN_INPUT_WIDTHS, PUBLISHED_SCORES
 from qrobust.tasks.runtime.bundled import data_path
 
 
@@ -72,7 +73,8 @@ def parse_grid(text: str, name: str = "grid") -> GridConfig:
         raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"malformed grid TOML: {exc}") from None
-    allowed = {"name", "models", "methods", "benchmarks", "pairs", "generation", "calibration", "sandbox", "scale"}
+    allowed = {"name", "models", "methods", "benchmarks", "pairs", "generation", "calibration", "sandbox", "scale",
+               "published"}
     unknown = sorted(set(raw) - allowed)
     if unknown:
         raise ConfigError(f"unknown key {unknown[0]!r} in grid; allowed: {', '.join(sorted(allowed))}")
@@ -98,12 +100,15 @@ def parse_grid(text: str, name: str = "grid") -> GridConfig:
         if overrides is not None
     )
     _unique(models, "model", key=lambda m: m.name)
+    calibration = build_config(CalibrationSpec, raw.get("calibration", {}), "calibration")
     for model in models:
         widths = input_widths(model)
         for method in methods if widths else ():
             method.check_input_widths(widths, model.name)
-    for model in models:
-        _check_training_matches_generation(model, dict(model_generation).get(model.name, generation))
+        model_settings = dict(model_generation).get(model.name, generation)
+        _check_training_matches_generation(model, model_settings)
+        _check_harness_fits_family(model, model_settings)
+        _check_curvature_loss_has_masks(model, methods, calibration)
     return GridConfig(
         name=raw.get("name", name),
         models=models,
@@ -111,10 +116,11 @@ def parse_grid(text: str, name: str = "grid") -> GridConfig:
         benchmarks=benchmarks,
         pairs=pairs,
         generation=generation,
-        calibration=build_config(CalibrationSpec, raw.get("calibration", {}), "calibration"),
+        calibration=calibration,
         sandbox=build_config(SandboxSpec, raw.get("sandbox", {}), "sandbox"),
         model_generation=model_generation,
         scale=build_config(ScaleSpec, raw.get("scale", {}), "scale"),
+        published=_published_scores(models, raw.get("published", [])),
     )
 
 
@@ -124,6 +130,47 @@ def input_widths(model: ModelSpec) -> tuple[int, ...] | None:
         arch = model.tiny
         return (arch.hidden_size, arch.num_attention_heads * arch.head_dim, arch.intermediate_size)
     return KNOWN_INPUT_WIDTHS.get(model.hf_id)
+
+
+def _published_scores(models: tuple[ModelSpec, ...], entries: Any) -> tuple[PublishedScore, ...]:
+    """The presets' published scores of the grid's models, then the grid's own `[[published]]`
+    entries (which replace a preset's score of the same model and benchmark)."""
+    if not isinstance(entries, list):
+        raise ConfigError(f"published must be a list of [[published]] tables, got {entries!r}")
+    names = {m.name for m in models}
+    scores = {(s.model, s.benchmark): s for name in names for s in PUBLISHED_SCORES.get(name, ())}
+    for entry in entries:
+        score = build_config(PublishedScore, entry, "published score")
+        if score.model not in names:
+            raise ConfigError(f"published score names model {score.model!r}, which is not in the grid")
+        scores[(score.model, score.benchmark)] = score
+    return tuple(sorted(scores.values(), key=lambda s: (s.model, s.benchmark)))
+
+
+def _check_harness_fits_family(model: ModelSpec, generation: GenerationSpec) -> None:
+    """The published harness is CoDA's diffusion harness, run in bf16; an AR model has none to reproduce."""
+    if generation.harness != "coda-published":
+        return
+    if model.family != "diffusion":
+        raise ConfigError(
+            f"harness 'coda-published' reproduces CoDA's diffusion evaluation; model {model.name!r} is "
+            f"{model.family!r}: give it harness = 'row-independent'"
+        )
+    if model.dtype != "bfloat16":
+        raise ConfigError(f"harness 'coda-published' runs the model in bfloat16 as the harness does; "
+                          f"model {model.name!r} has dtype {model.dtype!r}")
+
+
+def _check_curvature_loss_has_masks(model: ModelSpec, methods: tuple, calibration: CalibrationSpec) -> None:
+    """A diffusion model's curvature loss is the masked-denoising loss on masked calibration inputs."""
+    if model.family != "diffusion" or calibration.mask_ratios:
+        return
+    curvature = sorted({m.name for m in methods if m.needs_curvature})
+    if curvature:
+        raise ConfigError(
+            f"method {curvature[0]!r} on diffusion model {model.name!r} needs calibration mask_ratios (its loss "
+            f"is the masked-denoising loss); mask_ratios = [] calibrates on clean text, for GPTQ-style methods only"
+        )
 
 
 def _check_training_matches_generation(model: ModelSpec, generation: GenerationSpec) -> None:

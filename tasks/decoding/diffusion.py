@@ -19,6 +19,25 @@ Scoring works on rows of at most `SCORING_CHUNK_ELEMENTS` logits at a time, so t
 float32 copies it needs stay small beside the model. When sampling with top-p and each
 row's nucleus lies among its `NUCLEUS_CANDIDATES` most probable tokens (the usual case),
 the draw and the confidence are computed on those candidates alone.
+
+`coda_published_generate` is the other harness (`generation.harness = "coda-published"`): CoDA's
+sampler as its published evaluation runs it, for reproducing the published numbers. Where the
+two differ, the default keeps each row independent of its batch and of floating-point ties:
+
+- pads of a left-padded batch: invisible, positions counted from each row's first token (default);
+  attended to, positions counted from the first pad, since CoDA's forward ignores the pad mask
+  (published).
+- scoring arithmetic: float32 (default); the model's dtype, bf16, with top-p sorted over the whole
+  vocabulary and a token kept while the mass before it is <= top_p (published).
+- the mask token: never drawn (default); drawable, and a position that draws it stays masked and
+  is scored again (published).
+- tokens committed per step: fixed in advance per row (default); int(batch-mean masked count x
+  (1 - s/t)) from the current state, by top-k over each whole row (published).
+- the answer: the tokens before eos, pad or mask, special tokens dropped (default); the decoded
+  text with its special tokens, cut at the eos text only (published).
+
+Random draws come from the caller's generator in both, so sampled answers are the same
+distribution as CoDA's, not the same draws.
 """
 
 from __future__ import annotations
@@ -514,6 +533,132 @@ def truncate_at_stop(
     return tokens
 
 
+# --------------------------------------------------------------------------- the published harness
+
+PUBLISHED_MAX_PROMPT_TOKENS = 1024  # the harness keeps a prompt's last 1024 tokens
+PUBLISHED_ENTROPY_EPSILON = 1e-10
+
+
+def coda_published_generate(
+    logits_at: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    prompt_ids: torch.Tensor,
+    settings: DiffusionSamplerSettings,
+    mask_token_id: int,
+    generator: torch.Generator,
+) -> torch.Tensor:
+    """CoDA's sampler as its published evaluation runs it (CoDALanguageModel/generation_utils.py,
+    `_sample`, called by evaluation/lm_eval/lm_eval/models/diffllm.py); returns the answer region,
+    LongTensor [B, max_new_tokens].
+
+    `logits_at(ids, positions)` returns logits [B, K, V] at columns `positions` [B, K] of the whole
+    sequence, shifted as the model reads them, with every position (pads included) visible, in the
+    model's dtype. Each of the `steps` steps scores every masked position of every row, draws a
+    token and a confidence for each (`published_scores`), and commits the int(batch-mean masked
+    count x (1 - s/t)) most confident positions of each row (all at the last step), chosen by
+    top-k over the whole row, where positions not masked have confidence -inf: a row with fewer
+    masked positions than that count has unmasked positions overwritten with the mask token, as
+    in the harness. A drawn mask token leaves its position masked. Under alg `origin` each
+    masked position instead draws its token with probability 1 - s/t (1 at the last step).
+    """
+    _require(settings.block_length is None, "the published harness denoises the answer as one block")
+    batch, prompt_length = prompt_ids.shape
+    ids = torch.cat([prompt_ids, prompt_ids.new_full((batch, settings.max_new_tokens), mask_token_id)], dim=1)
+    timesteps = torch.linspace(1, settings.eps, settings.steps + 1, device=ids.device)
+    for step in range(settings.steps):
+        masked = ids == mask_token_id
+        columns = masked.any(dim=0).nonzero().squeeze(1)
+        if columns.numel() == 0:
+            break  # nothing left to denoise: the remaining steps would change nothing
+        logits = logits_at(ids, columns.expand(batch, -1))
+        masked_logits = logits[masked[:, columns]]
+        t, s = timesteps[step], timesteps[step + 1]
+        if settings.alg == "origin":
+            _published_origin_step(ids, masked, masked_logits, 1 - s / t if step < settings.steps - 1 else 1,
+                                   settings, mask_token_id, generator)
+            continue
+        confidence, tokens = published_scores(masked_logits, settings, generator)
+        masked_mean = masked.sum() / batch
+        count = int(masked_mean * (1 - s / t)) if step < settings.steps - 1 else int(masked_mean)
+        if count == 0:
+            continue
+        row_confidence = torch.full(ids.shape, float("-inf"), dtype=logits.dtype, device=ids.device)
+        row_confidence[masked] = confidence.to(logits.dtype)
+        chosen = _published_positions(row_confidence, count, settings.alg_temp, generator)
+        proposal = torch.full_like(ids, mask_token_id)
+        proposal[masked] = tokens
+        ids.scatter_(1, chosen, proposal.gather(1, chosen))
+    return ids[:, prompt_length:]
+
+
+def _published_origin_step(ids: torch.Tensor, masked: torch.Tensor, masked_logits: torch.Tensor, transfer_prob,
+                           settings: DiffusionSamplerSettings, mask_token_id: int, generator: torch.Generator) -> None:
+    """The harness's `origin` rule, in place: each masked position draws a token with
+    probability `transfer_prob` (the rest stay masked)."""
+    transfer = _uniform((masked_logits.shape[0],), generator, ids.device) < transfer_prob
+    proposal = torch.full((masked_logits.shape[0],), mask_token_id, dtype=ids.dtype, device=ids.device)
+    if bool(transfer.any()):
+        proposal[transfer] = published_scores(masked_logits[transfer], settings, generator)[1]
+    ids[masked] = proposal
+
+
+def _published_positions(row_confidence: torch.Tensor, count: int, alg_temp: float | None,
+                         generator: torch.Generator) -> torch.Tensor:
+    if not alg_temp:
+        return row_confidence.topk(count, dim=-1).indices
+    weights = torch.softmax(row_confidence / alg_temp, dim=-1).float()
+    return torch.multinomial(weights.to(generator.device), count, generator=generator).to(row_confidence.device)
+
+
+def published_scores(
+    logits: torch.Tensor, settings: DiffusionSamplerSettings, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(confidence, token) per row of logits [M, V], computed as the harness computes them: in
+    the logits' own dtype, any token (the mask token too) drawable. Rows are scored in chunks of
+    at most `SCORING_CHUNK_ELEMENTS` logits; each row's result depends on that row alone."""
+    chunk_rows = max(1, SCORING_CHUNK_ELEMENTS // max(logits.shape[-1], 1))
+    scored = [_published_score_rows(chunk, settings, generator) for chunk in logits.split(chunk_rows)]
+    if not scored:
+        return logits.new_empty((0,)), torch.empty((0,), dtype=torch.long, device=logits.device)
+    return torch.cat([c for c, _ in scored]), torch.cat([t for _, t in scored])
+
+
+def _published_score_rows(logits: torch.Tensor, settings: DiffusionSamplerSettings, generator: torch.Generator):
+    if settings.temperature:
+        logits = logits / settings.temperature
+    lowest = torch.finfo(logits.dtype).min
+    if settings.top_p is not None and settings.top_p < 1:
+        ordered, order = logits.sort(dim=-1, descending=True)
+        mass = torch.softmax(ordered, dim=-1).cumsum(dim=-1)
+        drop = F.pad(mass[..., :-1] > settings.top_p, (1, 0), value=False)
+        logits = logits.masked_fill(torch.zeros_like(drop).scatter(-1, order, drop), lowest)
+    if settings.top_k is not None:
+        kth = logits.topk(min(settings.top_k, logits.shape[-1]), dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, lowest)
+    probs = torch.softmax(logits, dim=-1)
+    if settings.greedy:
+        confidence, tokens = probs.max(dim=-1)
+    else:
+        normalised = probs / probs.sum(dim=-1, keepdim=True)
+        noise = torch.empty(probs.shape, device=generator.device).exponential_(generator=generator)
+        noise = noise.clamp_min_(torch.finfo(noise.dtype).tiny).to(probs.device)
+        tokens = (normalised.float() / noise).argmax(dim=-1)
+        confidence = probs.gather(-1, tokens[:, None]).squeeze(-1)
+    if settings.alg == "topk_margin":
+        top_two = probs.sort(dim=-1, descending=True).values[:, :2]
+        confidence = top_two[:, 0] - top_two[:, 1]
+    elif settings.alg == "entropy":
+        confidence = (probs * torch.log(probs + PUBLISHED_ENTROPY_EPSILON)).sum(dim=-1)
+    return confidence, tokens
+
+
+def published_answer_text(tokenizer, answer_ids: torch.Tensor) -> tuple[str, int]:
+    """(text, token count) of an answer as the harness cuts it: decoded with its special tokens,
+    up to the first eos text; the count is of the tokens before the first eos token."""
+    tokens = answer_ids.tolist()
+    text = tokenizer.decode(tokens, skip_special_tokens=False).split(tokenizer.eos_token)[0]
+    return text, len(truncate_at_stop(tokens, {tokenizer.eos_token_id}))
+
+
 # --------------------------------------------------------------------------- answers from a model
 
 def warm_up_settings(generation):
@@ -554,7 +699,10 @@ def answers(model, tokenizer, prompts: list[str], generation, checkpoint, seed: 
     """Answers to a batch of prompts from a diffusion model: (texts cut at eos, token counts).
 
     The stop strings are the prompt format's: the answer region is denoised whole, then cut at
-    eos; the format's post-processing applies the stop strings (`tasks.benchmarks.postprocess`)."""
+    eos; the format's post-processing applies the stop strings (`tasks.benchmarks.postprocess`).
+    `generation.harness` picks the row-independent sampler or the published one."""
+    if generation.harness == "coda-published":
+        return published_answers(model, tokenizer, prompts, generation, checkpoint, seed)
     from qrobust.tasks.models.diffusion import diffusion_logits_at
 
     shift = checkpoint.logits_shift
@@ -574,3 +722,22 @@ def answers(model, tokenizer, prompts: list[str], generation, checkpoint, seed: 
     stops = {tokenizer.eos_token_id, tokenizer.pad_token_id}
     answers = [truncate_at_stop(row, stops, mask_token_id=checkpoint.mask_token_id) for row in tokens]
     return [tokenizer.decode(a, skip_special_tokens=True) for a in answers], [len(a) for a in answers]
+
+
+def published_answers(model, tokenizer, prompts: list[str], generation, checkpoint, seed: int):
+    """Answers as CoDA's published harness produces them (see `coda_published_generate`): prompts
+    tokenised as the harness does (left padded, the tokenizer's own special tokens, the last
+    `PUBLISHED_MAX_PROMPT_TOKENS` kept), pads visible to every position."""
+    from qrobust.tasks.models.diffusion import pads_visible_logits_at
+
+    shift = checkpoint.logits_shift
+    encoded = tokenizer(prompts, return_tensors="pt", padding=True)
+    prompt_ids = encoded["input_ids"][:, -PUBLISHED_MAX_PROMPT_TOKENS:].to(model.device)
+    generator = torch.Generator(device=model.device).manual_seed(seed)
+    with torch.inference_mode():
+        tokens = coda_published_generate(
+            lambda ids, positions: pads_visible_logits_at(model, ids, positions, shift),
+            prompt_ids, sampler_settings(generation, shift), checkpoint.mask_token_id, generator,
+        )
+    texts, counts = zip(*(published_answer_text(tokenizer, row) for row in tokens))
+    return list(texts), list(counts)

@@ -122,6 +122,17 @@ def diffusion_logits_at(
     return head(hidden[rows, sources])
 
 
+def pads_visible_logits_at(
+    model: torch.nn.Module, input_ids: torch.Tensor, positions: torch.Tensor, logits_shift: bool = True
+) -> torch.Tensor:
+    """`diffusion_logits_at` as CoDA's own forward computes it, for reproducing its published
+    harness: CoDA's model ignores the attention mask it is given, so every position, pads
+    included, attends to every position, position ids run 0..L-1 from the first column (a
+    left-padded row's first pad), and the shift takes each position's logits from the column
+    before it. A row without pads gets exactly what `diffusion_logits_at` gives it."""
+    return diffusion_logits_at(model, input_ids, torch.ones_like(input_ids), positions, logits_shift)
+
+
 def _backbone_and_head(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Module]:
     backbone = getattr(model, "base_model", None)
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None

@@ -25,6 +25,9 @@ Conventions
   depends only on the data, the seed and the number of resamples.
   Comparisons between cells resample the same problems for every cell
   involved, which is what makes them paired.
+- Power: a quantized cell's `min_detectable_drop` is the smallest drop in pass@1
+  its design (problems, samples per problem, the fp cell's pass rates) detects
+  with 80% power at the 95% level (`minimum_detectable_drop`).
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ import pandas as pd
 DEFAULT_RESAMPLES = 2000
 DEFAULT_SEED = 0
 DEFAULT_LEVEL = 0.95
+DEFAULT_POWER = 0.80
 
 
 # --------------------------------------------------------------------------- pass@k
@@ -185,6 +189,54 @@ def claim_verdict(ci_low: float, ci_high: float) -> str:
     return "inconclusive"
 
 
+# --------------------------------------------------------------------------- power
+
+
+def sampling_variance_per_problem(n, c) -> np.ndarray:
+    """Each problem's per-sample Bernoulli variance p(1-p), estimated from its n samples with c
+    passes: c(n-c) / (n(n-1)), unbiased, where every problem has two or more samples; otherwise
+    (one sample tells nothing of a problem's own p) the bound P(1-P) of the cell's pass rate P,
+    which the mean of p(1-p) over problems never exceeds."""
+    n = np.asarray(n, dtype=np.float64)
+    c = np.asarray(c, dtype=np.float64)
+    if n.size == 0 or np.any(n < 1) or np.any(c < 0) or np.any(c > n):
+        raise ValueError(f"sampling variance needs 0 <= c <= n and n >= 1 per problem, got n={n[:5]}, c={c[:5]}")
+    if np.all(n >= 2):
+        return c * (n - c) / (n * (n - 1))
+    pass_rate = float(np.mean(c / n))
+    return np.full(n.shape, pass_rate * (1 - pass_rate))
+
+
+def minimum_detectable_drop(fp_n, fp_c, quantized_n, power: float = DEFAULT_POWER,
+                            level: float = DEFAULT_LEVEL) -> float:
+    """The smallest drop in pass@1 a paired comparison of a quantized cell with its fp cell
+    detects with probability `power` at two-sided significance 1 - `level`.
+
+    Per problem i (shared by both cells) the fp cell drew fp_n[i] samples, fp_c[i] passing, and
+    the quantized cell drew quantized_n[i]. Pairing by problem removes how hard each problem is;
+    what remains is each cell's sampling noise. Under no change both cells pass problem i with
+    the fp cell's p_i, so the estimated delta has variance
+
+        V = sum_i p_i (1 - p_i) (1 / fp_n[i] + 1 / quantized_n[i]) / N^2
+
+    with p_i (1 - p_i) from `sampling_variance_per_problem`, and a normal test detects a drop of
+    (z_{(1+level)/2} + z_{power}) * sqrt(V) with the asked power. With one sample per problem
+    this is the binomial figure: sqrt(2 P(1-P) / N) per unit of z (HumanEval, P = 0.54: 5.5
+    points, so 15.5 points at 80% power); n samples divide it by sqrt(n).
+    """
+    from scipy.stats import norm
+
+    if not 0 < power < 1 or not 0 < level < 1:
+        raise ValueError(f"power and level must lie in (0, 1), got {power} and {level}")
+    fp_n = np.asarray(fp_n, dtype=np.float64)
+    quantized_n = np.asarray(quantized_n, dtype=np.float64)
+    if fp_n.shape != quantized_n.shape or np.any(quantized_n < 1):
+        raise ValueError("minimum_detectable_drop: fp and quantized sample counts must be >= 1 for the same problems")
+    variance = sampling_variance_per_problem(fp_n, fp_c)
+    delta_variance = float(np.sum(variance * (1 / fp_n + 1 / quantized_n))) / fp_n.size ** 2
+    return float((norm.ppf((1 + level) / 2) + norm.ppf(power)) * np.sqrt(delta_variance))
+
+
 # --------------------------------------------------------------------------- per-problem tables
 
 
@@ -310,6 +362,7 @@ class Degradation:
     flips_pass_to_fail: int  # solved in fp, not when quantized (first-sample outcome)
     flips_fail_to_pass: int
     mcnemar_p: float
+    min_detectable_drop: float  # the design's 80%-power drop (`minimum_detectable_drop`)
 
 
 @dataclass(frozen=True)
@@ -364,6 +417,7 @@ def degradation(fp_samples: pd.DataFrame, quantized_samples: pd.DataFrame,
         flips_pass_to_fail=pass_to_fail,
         flips_fail_to_pass=fail_to_pass,
         mcnemar_p=mcnemar_exact_p(pass_to_fail, fail_to_pass),
+        min_detectable_drop=minimum_detectable_drop(fp["n"].to_numpy(), fp["c"].to_numpy(), quant["n"].to_numpy()),
     )
 
 

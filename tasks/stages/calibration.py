@@ -4,10 +4,15 @@ Sources: `stdlib` (the Python standard library's own source files: a code corpus
 machine has, and never a benchmark's test problems), `training-set` (the very sequences a
 model trained by the pipeline learned: the only in-distribution data of the tiny demo
 models, whose loss on anything else is far from a minimum, so that their Hessian traces
-there are indefinite and useless for HAWQ) or any Hugging Face dataset name (on a machine
-with hub access). A diffusion model sees partly masked inputs at inference,
-so its calibration inputs are masked at varied ratios (`mask_ratios`, cycled over samples);
-the clean tokens are kept beside them for the denoising loss.
+there are indefinite and useless for HAWQ), `wikitext2` (clean English prose, taken as the
+study's quantization script takes it: optimum's GPTQ "wikitext2" set, the first 1000 rows of
+WikiText-2's raw train split joined into one text; from the hub, or from a local file with
+`path`) or any other Hugging Face dataset name (on a machine with hub access).
+
+A diffusion model sees partly masked inputs at inference, so by default its calibration
+inputs are masked at varied ratios (`mask_ratios`, cycled over samples), as the d-LLM
+quantization papers recommend; the clean tokens are kept beside them for the denoising loss.
+`mask_ratios = []` calibrates it on clean text, as an AR model is (and as the study's script did).
 """
 
 from __future__ import annotations
@@ -21,6 +26,9 @@ from qrobust.tasks.runtime.stage import Stage, StageContext
 
 LOCAL_SOURCES = ("stdlib", "training-set")
 TENSORS = "calibration.safetensors"
+WIKITEXT2 = ("Salesforce/wikitext", "wikitext-2-raw-v1")
+WIKITEXT2_ROWS = 1000  # what optimum's get_wikitext2 reads of the train split
+WIKITEXT2_SAMPLE = "data/calibration/wikitext2_sample.txt"  # a bundled stand-in in WikiText's raw layout
 
 
 def stdlib_texts(limit_chars: int) -> list[str]:
@@ -62,7 +70,32 @@ def calibration_texts(spec: CalibrationSpec, model: PreparedModel) -> list[str]:
         return stdlib_texts(spec.n_samples * spec.seq_len * 8)
     if spec.source == "training-set":
         return training_set_texts(model)
+    if spec.source == "wikitext2":
+        return [wikitext2_text(wikitext2_rows(spec.path))]
     return hub_texts(spec)
+
+
+def wikitext2_rows(path: str | None) -> list[str]:
+    """WikiText-2 raw train rows: a local file (one row per line, a blank line an empty row, as
+    the dataset's rows are) or the hub's."""
+    if path is not None:
+        from qrobust.tasks.benchmarks import resolve_data_path
+
+        return [line + "\n" if line.strip() else "" for line in resolve_data_path(path).read_text().splitlines()]
+    try:
+        from datasets import load_dataset
+
+        return list(load_dataset(*WIKITEXT2, split="train")["text"])
+    except Exception as exc:
+        raise ConfigError(
+            f"calibration source 'wikitext2' could not be loaded from the hub ({type(exc).__name__}); "
+            f"set path = '{WIKITEXT2_SAMPLE}' (or a local copy of WikiText-2's raw train text)"
+        ) from None
+
+
+def wikitext2_text(rows: list[str]) -> str:
+    """The study's calibration text: the first `WIKITEXT2_ROWS` rows joined, each empty row read as " \n"."""
+    return "".join(" \n" if row == "" else row for row in rows[:WIKITEXT2_ROWS])
 
 
 def hub_texts(spec: CalibrationSpec) -> list[str]:
@@ -104,7 +137,7 @@ def build_calibration(context: StageContext, spec: CalibrationSpec, model: Prepa
     tokenizer = load_tokenizer(model, context.workspace)
     clean = calibration_token_windows(spec, tokenizer, calibration_texts(spec, model))
     tensors = {"input_ids": clean, "attention_mask": torch.ones_like(clean)}
-    masked = model.family == "diffusion"
+    masked = model.family == "diffusion" and bool(spec.mask_ratios)
     if masked:
         from qrobust.tasks.models.diffusion import mask_tokens
 

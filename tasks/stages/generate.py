@@ -2,7 +2,9 @@
 
 A shard is a fixed, ordered slice of a benchmark's problems; its output is a JSONL file
 of completions (one line per problem x sample) with the raw answer, the post-processed
-completion, tokens and time, plus the shard's wall time and peak memory.
+completion, tokens and time, plus the shard's wall time and peak memory. Batches are
+consecutive slices of `batch_size` problems in shard order, the order the published harness
+answers them in (`generation.harness`; the decoder of the model's family applies it).
 """
 
 from __future__ import annotations
@@ -90,7 +92,7 @@ def generate_shard(context: StageContext, shard: ProblemShard, prompt_style: str
                         "task_id": problems[index].task_id,
                         "sample_idx": sample_idx,
                         "answer": answer,
-                        "completion": postprocess(answer, fmt),
+                        "completion": postprocess(answer, fmt, problem),
                         "gen_tokens": count,
                         "gen_seconds": per_sample,
                     }

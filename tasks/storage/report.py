@@ -17,6 +17,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from qrobust.tasks.config import DEFAULT_HARNESS
 from qrobust.tasks.methods import BASELINE, method_class, mixed_precision_methods, plot_style
 
 # pass@k columns shown beside pass@1 when the cells have enough samples per problem.
@@ -104,6 +105,12 @@ def _has_relations(con, *names: str) -> bool:
     return all(name in present for name in names)
 
 
+def _has_columns(con, table: str, *columns: str) -> bool:
+    present = {row[0] for row in con.execute(
+        "SELECT column_name FROM information_schema.columns WHERE table_name = ?", [table]).fetchall()}
+    return all(column in present for column in columns)
+
+
 def _family_of(con) -> dict[str, str]:
     if not _has_relations(con, "runs"):
         return {}
@@ -166,9 +173,10 @@ def _pass_at_1_points(con):
         columns = "coalesce(p.estimate, r.pass_at_1) AS pass_at_1, p.ci_low, p.ci_high"
     else:
         interval, columns = "", "r.pass_at_1, NULL::DOUBLE AS ci_low, NULL::DOUBLE AS ci_high"
+    harness = "r.harness" if _has_columns(con, "results", "harness") else "NULL::VARCHAR AS harness"
     return con.execute(
         f"""
-        SELECT r.cell_id, r.model, r.family, r.method, r.bits, r.budget,
+        SELECT r.cell_id, r.model, r.family, r.method, r.bits, r.budget, {harness},
                CASE WHEN r.method = '{BASELINE}' THEN coalesce(r.avg_bits, 16.0) ELSE coalesce(r.avg_bits, r.bits, r.budget) END
                    AS avg_bits,
                r.benchmark, r.n_problems, r.n_samples, {columns},
@@ -240,6 +248,8 @@ def pass_at_k_section(con) -> Section:
     table["pass@1"] = table["pass_at_1"].map(_number)
     table["95% CI"] = [_interval(lo, hi) for lo, hi in zip(table["ci_low"], table["ci_high"])]
     columns = ["model", "benchmark", "setting", "avg_bits", "n_problems", "n_samples", "pass@1", "95% CI"]
+    if (table["harness"].fillna(DEFAULT_HARNESS) != DEFAULT_HARNESS).any():
+        columns.insert(3, "harness")
     if (table["n_samples"].fillna(1) > 1).any():
         spread = _seed_spread(con)
         table["seed std"] = table["cell_id"].map(spread).map(_number)
@@ -270,6 +280,51 @@ def _seed_spread(con) -> dict[str, float]:
     if not _has_relations(con, "cell_pass_at_k"):
         return {}
     return dict(con.execute("SELECT cell_id, seed_std FROM cell_pass_at_k WHERE k = 1").fetchall())
+
+
+# --------------------------------------------------------------------------- published baselines
+
+
+def published_baselines_section(con) -> Section | None:
+    """Each fp cell beside the score its model's authors published for the benchmark."""
+    title = "full precision against published scores"
+    if not _has_relations(con, "published_scores", "results"):
+        return None
+    published = con.execute("SELECT * FROM published_scores ORDER BY model, benchmark").df()
+    if published.empty:
+        return None
+    points = _pass_at_1_points(con)
+    fp = points[points["method"] == BASELINE].merge(published.rename(columns={"pass_at_1": "published"}),
+                                                    on=["model", "benchmark"])
+    text = ("Each full-precision cell beside the pass@1 its model's authors published, with the cell's 95% "
+            "bootstrap interval over problems; 'outside' marks a cell whose interval excludes the published value "
+            "(the setup then differs from the published one, or the published number is off). The harness column "
+            "says whether the cell reproduced the published harness (coda-published) or ran rows independently.\n\n")
+    if fp.empty:
+        return Section(title, text + NONE)
+    import pandas as pd
+
+    table = pd.DataFrame({
+        "model": fp["model"],
+        "benchmark": fp["benchmark"],
+        "harness": fp["harness"].fillna(""),
+        "n_problems": fp["n_problems"],
+        "n_samples": fp["n_samples"],
+        "pass@1": fp["pass_at_1"].map(_number),
+        "95% CI": [_interval(lo, hi) for lo, hi in zip(fp["ci_low"], fp["ci_high"])],
+        "published": fp["published"].map(_number),
+        "difference": (fp["pass_at_1"] - fp["published"]).map(_number),
+        "published value": [_inside_interval(v, lo, hi) for v, lo, hi in zip(fp["published"], fp["ci_low"],
+                                                                                fp["ci_high"])],
+        "source": fp["source"],
+    })
+    return Section(title, text + markdown_table(table))
+
+
+def _inside_interval(value, low, high) -> str:
+    if _missing(low) or _missing(high):
+        return "no interval"
+    return "inside" if float(low) <= float(value) <= float(high) else "**outside**"
 
 
 # --------------------------------------------------------------------------- 3. accuracy vs bits
@@ -338,7 +393,9 @@ def degradation_section(con) -> Section:
     text = (
         "delta = quantized pass@1 - fp pass@1 on the problems both cells have (negative = accuracy lost), with its "
         "paired 95% bootstrap interval; flips count problems whose first sample changed outcome; McNemar p is the "
-        "exact two-sided test on those flips.\n\n"
+        "exact two-sided test on those flips. MDE is the smallest drop the cell's design (its problems, samples per "
+        "problem and the fp cell's pass rates) detects with 80% power at the 95% level: a drop smaller than it is "
+        "one this design could easily have missed, and a delta inside +-MDE says little either way.\n\n"
     )
     figure = _degradation_plot(df, model_colours(_family_of(con)))
     return Section(title, text + markdown_table(_degradation_table(df)),
@@ -362,6 +419,8 @@ def _degradation_table(df):
         "pass->fail": df["flips_pass_to_fail"],
         "fail->pass": df["flips_fail_to_pass"],
         "McNemar p": df["mcnemar_p"].map(lambda p: "" if _missing(p) else f"{p:.3g}"),
+        # a store whose views predate the column shows it empty until the next statistics refresh
+        "MDE (80%)": df.get("min_detectable_drop", pd.Series([None] * len(df), index=df.index)).map(_number),
     })
 
 
@@ -813,6 +872,7 @@ def _method_text(row, method_config) -> str:
 SECTIONS = [
     overview_section,
     pass_at_k_section,
+    published_baselines_section,
     accuracy_vs_bits_section,
     degradation_section,
     frontier_section,

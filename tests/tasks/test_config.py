@@ -1,3 +1,5 @@
+import re
+
 import pytest
 
 from qrobust.tasks.config import ConfigError
@@ -103,3 +105,67 @@ def test_models_from_a_directory_replace_the_hub_ids_of_the_models_found_there(t
     with pytest.raises(ConfigError, match="holds no folder named after a hub model of the grid; expected one of: "
                                           "coda-1.7b, qwen3-1.7b"):
         with_local_models(load_grid("paper"), str(tmp_path / "coda-1.7b"))
+
+
+# --------------------------------------------------------------------------- harness, calibration, published scores
+
+GRID = '[[models]]\nname = "tiny-diffusion"\n[[methods]]\nname = "fp"\n[[benchmarks]]\nname = "humaneval"\n'
+
+
+def test_the_published_harness_needs_batches_of_32_that_shards_hold_whole():
+    from qrobust.tasks.config import ConfigError, GenerationSpec
+
+    with pytest.raises(ConfigError, match="harness 'coda-published' runs batches of 32, got batch_size 8"):
+        GenerationSpec(harness="coda-published")
+    with pytest.raises(ConfigError, match="shard_size 40 to be a multiple of batch_size 32"):
+        GenerationSpec(harness="coda-published", batch_size=32, shard_size=40)
+    with pytest.raises(ConfigError, match="unknown harness 'dream'"):
+        GenerationSpec(harness="dream")
+
+
+def test_the_published_harness_is_refused_for_an_ar_model_and_outside_bf16():
+    published = '[generation]\nharness = "coda-published"\nbatch_size = 32\nshard_size = 32\n'
+    with pytest.raises(ConfigError, match="model 'tiny-ar' is 'ar'"):
+        parse_grid(GRID.replace("tiny-diffusion", "tiny-ar") + published)
+    with pytest.raises(ConfigError, match="runs the model in bfloat16 .* has dtype 'float32'"):
+        parse_grid(GRID.replace('"tiny-diffusion"', '"tiny-diffusion"\ndtype = "float32"') + published)
+
+
+def test_a_model_under_the_published_harness_is_judged_at_its_3_second_timeout():
+    grid = parse_grid(GRID + '[models.generation]\nharness = "coda-published"\nbatch_size = 32\nshard_size = 32\n'
+                      '[[models]]\nname = "tiny-ar"\n[sandbox]\ntimeout_s = 10\n')
+    diffusion, ar = grid.models
+    assert grid.sandbox_for(diffusion).timeout_s == 3.0 and grid.sandbox_for(ar).timeout_s == 10
+
+
+def test_hawq_on_a_diffusion_model_needs_masked_calibration():
+    hawq = '[[methods]]\nname = "hawq"\nbudgets = [3.0]\n[calibration]\nmask_ratios = []\n'
+    with pytest.raises(ConfigError, match="method 'hawq' on diffusion model 'tiny-diffusion' needs calibration"):
+        parse_grid(GRID + hawq)
+    assert parse_grid(GRID.replace("tiny-diffusion", "tiny-ar") + hawq).calibration.mask_ratios == ()
+
+
+def test_a_calibration_path_is_only_for_wikitext2():
+    with pytest.raises(ConfigError, match="calibration path 'x.txt' is read only by source 'wikitext2'"):
+        parse_grid(GRID + '[calibration]\npath = "x.txt"\n')
+
+
+def test_the_study_models_carry_their_published_scores_and_a_grid_may_add_its_own():
+    grid = load_grid("paper")
+    scores = {(s.model, s.benchmark): s.pass_at_1 for s in grid.published}
+    assert scores[("coda-1.7b", "humaneval")] == 0.543 and scores[("coda-1.7b", "mbpp-plus")] == 0.632
+    assert scores[("qwen3-1.7b", "humaneval-plus")] == 0.616 and scores[("qwen3-1.7b", "mbpp")] == 0.462
+    own = parse_grid(GRID + '[[published]]\nmodel = "tiny-diffusion"\nbenchmark = "humaneval"\n'
+                            'pass_at_1 = 0.5\nsource = "our notes"\n').published
+    assert [(s.model, s.benchmark, s.pass_at_1, s.source) for s in own] == [
+        ("tiny-diffusion", "humaneval", 0.5, "our notes")]
+
+
+@pytest.mark.parametrize("entry, fragment", [
+    ('model = "nobody"\nbenchmark = "mbpp"\npass_at_1 = 0.5\nsource = "x"', "model 'nobody', which is not in the grid"),
+    ('model = "tiny-diffusion"\nbenchmark = "mbpp"\npass_at_1 = 47.2\nsource = "x"', "must be a fraction in [0, 1]"),
+    ('model = "tiny-diffusion"\nbenchmark = "apps"\npass_at_1 = 0.5\nsource = "x"', "unknown benchmark of a published"),
+])
+def test_a_bad_published_score_names_the_bad_value(entry, fragment):
+    with pytest.raises(ConfigError, match=re.escape(fragment)):
+        parse_grid(GRID + "[[published]]\n" + entry + "\n")

@@ -111,13 +111,14 @@ def test_humaneval_instruct_asks_for_the_function_and_starts_the_answer_inside_i
     assert prefix == "Here is the completed function:\n```python\n" + problem.prompt + "\n"
 
 
-def test_humaneval_instruct_answer_is_cut_at_each_stop_string_and_continues_the_prompt():
+def test_humaneval_instruct_answer_is_cut_at_the_stop_strings_and_run_as_the_sanitized_prompt_and_body():
     problem = load_problems(BenchmarkSpec("humaneval", limit=1))[0]
     fmt = benchmark_format("humaneval", "coda-instruct")
     answer = "    return True\n```\n\nExplanation:\nif you want\ndef other(): pass"
-    completion = postprocess(answer, fmt)
-    assert completion == "    return True\n"
-    assert build_program(problem, completion, fmt).startswith(problem.prompt + "    return True\n")
+    completion = postprocess(answer, fmt, problem)
+    assert completion.startswith("from typing import List\ndef has_close_elements(")
+    assert completion.endswith('"""\n    return True') and "def other" not in completion
+    assert build_program(problem, completion, fmt).startswith(completion + "\n\n" + problem.test)
 
 
 def test_mbpp_instruct_shows_every_test_and_the_answer_is_the_code_before_the_fence():
@@ -127,7 +128,7 @@ def test_mbpp_instruct_shows_every_test_and_the_answer_is_the_code_before_the_fe
     assert prompt.startswith(f"You are an expert Python programmer, and here is your task: {problem.description} ")
     assert prompt.endswith("Your code should pass these tests:\n\n" + "\n".join(problem.test_list))
     assert render_generation_prefix(problem, fmt) == "Here is the completed function:\n```python\n"
-    assert postprocess("def f():\n    return 1\n```\nDone.", fmt) == "def f():\n    return 1\n"
+    assert postprocess("def f():\n    return 1\n```\nDone.", fmt, problem) == "def f():\n    return 1\n"
 
 
 def test_model_input_is_the_chat_template_then_the_generation_prefix():
@@ -144,34 +145,70 @@ def test_model_input_is_the_chat_template_then_the_generation_prefix():
     assert text == chat + render_generation_prefix(problem, fmt)
 
 
-def test_every_format_records_where_it_comes_from():
-    for benchmark in ("humaneval", "mbpp"):
-        assert "lm-evaluation-harness" in benchmark_format(benchmark, "coda-instruct").source
+def test_every_coda_format_cites_codas_own_task_files():
+    for benchmark in ("humaneval", "mbpp", "humaneval-plus", "mbpp-plus"):
+        source = benchmark_format(benchmark, "coda-instruct").source
+        assert source.startswith("CoDA evaluation/lm_eval/lm_eval/tasks/") and "Dream" not in source
 
 
 # --------------------------------------------------------------------------- the bundled study grids
 
-def test_paper_grid_is_both_real_models_by_every_method_on_both_full_benchmarks():
+def test_paper_grid_is_both_real_models_by_every_method_on_the_four_full_benchmarks():
     grid = load_grid("paper")
     assert [m.name for m in grid.models] == ["coda-1.7b", "qwen3-1.7b"]
     assert [m.label for m in grid.methods] == [
         "fp", "gptq-w2g128", "gptq-w3g128", "gptq-w4g128", "gptq-w8g128", "hawq-2.5", "hawq-3", "hawq-3.5", "hawq-4",
     ]
-    assert [(b.name, b.path, b.limit) for b in grid.benchmarks] == [("humaneval", None, None), ("mbpp", None, None)]
+    assert [(b.name, b.path, b.limit) for b in grid.benchmarks] == [
+        ("humaneval", None, None), ("mbpp", None, None), ("humaneval-plus", None, None), ("mbpp-plus", None, None)]
     assert [(p.diffusion, p.ar) for p in grid.pairs] == [("coda-1.7b", "qwen3-1.7b")]
-    assert len(grid.cells()) == 2 * 9 * 2
+    assert len(grid.cells()) == 2 * 9 * 4
 
 
-def test_paper_grid_runs_coda_with_its_published_sampler_and_qwen3_greedy():
+def test_paper_grid_samples_coda_as_published_and_qwen3_as_its_model_card_suggests_ten_times():
     grid = load_grid("paper")
     for cell in grid.cells():
         g, model = cell.generation, cell.model
-        assert (model.prompt_style, model.dtype, g.max_new_tokens, g.n_samples) == ("coda-instruct", "bfloat16", 768, 1)
+        settings = (model.prompt_style, model.dtype, g.max_new_tokens, g.n_samples)
+        assert settings == ("coda-instruct", "bfloat16", 768, 10)
+        assert (g.harness, g.batch_size, g.shard_size) == ("row-independent", 32, 32)
         if model.name == "coda-1.7b":
             assert model.architecture == "coda" and model.mask_token_id == 151669
             assert (g.steps, g.temperature, g.top_p, g.alg) == (768, 0.1, 0.9, "entropy")
         else:
-            assert g.temperature == 0.0
+            assert (g.temperature, g.top_p, g.top_k) == (0.7, 0.8, 20)
+
+
+def test_paper_grids_sample_count_detects_a_five_point_drop_on_humaneval_at_codas_published_score():
+    import numpy as np
+
+    from qrobust.tasks.numerics.stats import minimum_detectable_drop
+
+    n = load_grid("paper").generation_for(load_grid("paper").models[0]).n_samples
+    solved = np.array([1] * 89 + [0] * 75)  # 164 problems at CoDA's published 54.3%, one sample each
+    assert minimum_detectable_drop(np.ones(164), solved, np.ones(164)) / np.sqrt(n) <= 0.05
+    assert minimum_detectable_drop(np.ones(164), solved, np.ones(164)) / np.sqrt(n - 1) > 0.05
+
+
+def test_the_paper_grid_uncommented_reproduces_codas_published_harness():
+    from qrobust.tasks.runtime.bundled import data_path
+
+    commented = data_path("grids/paper.toml").read_text()
+    text = commented.replace('# harness = "coda-published"', 'harness = "coda-published"')
+    grid = parse_grid(text)
+    coda, qwen3 = grid.models
+    assert grid.generation_for(coda).harness == "coda-published" and grid.sandbox_for(coda).timeout_s == 3.0
+    assert grid.generation_for(qwen3).harness == "row-independent"
+
+
+def test_the_wikitext2_grid_is_the_studys_clean_gptq_calibration_of_both_models():
+    paper, study = load_grid("paper"), load_grid("paper-wikitext2")
+    assert (study.calibration.source, study.calibration.mask_ratios, study.calibration.path) == ("wikitext2", (), None)
+    assert [m.label for m in study.methods] == ["fp", "gptq-w2g128", "gptq-w3g128", "gptq-w4g128", "gptq-w8g128"]
+    assert [m.name for m in study.models] == [m.name for m in paper.models]
+    assert [b.name for b in study.benchmarks] == [b.name for b in paper.benchmarks]
+    for model in study.models:
+        assert study.generation_for(model) == paper.generation_for(model)
 
 
 def test_dry_run_settings_show_each_cells_own_sampler():
@@ -181,7 +218,7 @@ def test_dry_run_settings_show_each_cells_own_sampler():
     coda = generation_settings(_cell(grid, "coda-1.7b")).split()
     qwen3 = generation_settings(_cell(grid, "qwen3-1.7b")).split()
     assert {"max_new_tokens=768", "steps=768", "temperature=0.1", "top_p=0.9", "alg=entropy"} <= set(coda)
-    assert {"max_new_tokens=768", "temperature=0.0"} <= set(qwen3)
+    assert {"max_new_tokens=768", "temperature=0.7", "top_k=20"} <= set(qwen3)
     assert not any(s.startswith("steps=") for s in qwen3)
 
 

@@ -552,3 +552,127 @@ def test_answer_ends_at_the_first_stop_token():
 
 def test_a_mask_token_left_in_the_answer_ends_it():
     assert truncate_at_stop([5, MASK_ID, 6, 2], stop_token_ids=[2], mask_token_id=MASK_ID) == [5]
+
+
+# --- the published harness (coda_published_generate) --------------------------------
+
+from qrobust.tasks.decoding.diffusion import (  # noqa: E402
+    PUBLISHED_ENTROPY_EPSILON,
+    coda_published_generate,
+    published_answer_text,
+    published_scores,
+)
+
+
+def published(logits_for_row, settings, prompt_ids, seed=0):
+    """Run the published sampler on logits [V] chosen per (row, column) by `logits_for_row`,
+    recording the ids each step saw."""
+    seen = []
+
+    def logits_at(ids, positions):
+        seen.append(ids.clone())
+        rows = [[logits_for_row(b, int(p)) for p in positions[b]] for b in range(ids.shape[0])]
+        return torch.stack([torch.stack(row) for row in rows])
+
+    answer = coda_published_generate(logits_at, prompt_ids, settings, MASK_ID, torch.Generator().manual_seed(seed))
+    return answer, seen
+
+
+def preferring(token, strength=5.0):
+    row = torch.zeros(VOCAB)
+    row[token] = strength
+    return row
+
+
+def test_published_sampler_commits_the_batch_mean_count_of_each_step():
+    settings = DiffusionSamplerSettings(6, 3, alg="entropy")
+    _, seen = published(lambda b, p: preferring(3 + p % 3), settings, torch.tensor([[1, 2], [1, 2]]))
+    still_masked = [int((ids[0] == MASK_ID).sum()) for ids in seen]
+    timesteps = torch.linspace(1, settings.eps, settings.steps + 1)
+    expected, masked = [], 6
+    for step in range(settings.steps):
+        expected.append(masked)
+        s, t = timesteps[step + 1], timesteps[step]
+        masked -= int(torch.tensor(float(masked)) * (1 - s / t)) if step < settings.steps - 1 else masked
+    assert still_masked == expected
+
+
+def test_published_sampler_may_draw_the_mask_token_and_scores_that_position_again():
+    # column 3 (the second answer position) prefers the mask token until it was scored once
+    scored = {}
+
+    def logits(b, p):
+        scored[p] = scored.get(p, 0) + 1
+        return preferring(MASK_ID, 50.0) if p == 3 and scored[p] == 1 else preferring(4)
+
+    settings = DiffusionSamplerSettings(3, 3, alg="maskgit_plus")
+    answer, seen = published(logits, settings, torch.tensor([[1, 2]]))
+    assert scored[3] >= 2 and (answer != MASK_ID).all()
+    # the row-independent sampler never draws it
+    assert not (generate(fixed_answer_logits(torch.stack([preferring(MASK_ID, 50.0)] * 3)),
+                         DiffusionSamplerSettings(3, 3, alg="maskgit_plus")) == MASK_ID).any()
+
+
+def test_a_row_with_fewer_masks_than_the_batch_count_has_committed_positions_masked_again():
+    # row 0 keeps drawing the mask token, row 1 commits real tokens: at the last step the
+    # batch-mean count (int(4.5)) exceeds row 1's 3 masked positions and top-k reaches one of its
+    # committed ones (no prompt, so that it can only be an answer position)
+    settings = DiffusionSamplerSettings(6, 3, alg="maskgit_plus")
+    answer, _ = published(lambda b, p: preferring(MASK_ID, 50.0) if b == 0 else preferring(4),
+                          settings, torch.empty((2, 0), dtype=torch.long))
+    assert (answer[0] == MASK_ID).all()
+    assert (answer[1] == MASK_ID).any() and (answer[1] == 4).any()
+
+
+def test_published_scores_are_computed_in_the_logits_dtype_with_the_harness_entropy():
+    logits = torch.randn(5, VOCAB, generator=torch.Generator().manual_seed(3)).to(torch.bfloat16)
+    confidence, tokens = published_scores(logits, DiffusionSamplerSettings(4, 4, alg="entropy"), torch.Generator())
+    probs = torch.softmax(logits, dim=-1)
+    assert confidence.dtype == torch.bfloat16
+    assert torch.equal(confidence, (probs * torch.log(probs + PUBLISHED_ENTROPY_EPSILON)).sum(dim=-1))
+    assert torch.equal(tokens, probs.argmax(dim=-1))
+
+
+def test_published_top_p_keeps_each_token_whose_preceding_mass_is_within_top_p():
+    logits = logits_from_probs([[0.5, 0.3, 0.15, 0.05]])
+    settings = DiffusionSamplerSettings(4, 4, alg="maskgit_plus", temperature=1.0, top_p=0.85)
+    drawn = {int(published_scores(logits, settings, torch.Generator().manual_seed(seed))[1]) for seed in range(200)}
+    assert drawn == {0, 1, 2}
+
+
+def test_a_published_answer_keeps_special_tokens_and_ends_at_the_eos_text_only():
+    from qrobust.tasks.models.tiny import build_tokenizer
+
+    tokenizer = build_tokenizer(1024)
+    ids = tokenizer("return x", add_special_tokens=False)["input_ids"]
+    answer = torch.tensor(ids + [tokenizer.pad_token_id, tokenizer.mask_token_id] + ids
+                          + [tokenizer.eos_token_id] + ids)
+    text, count = published_answer_text(tokenizer, answer)
+    assert text == "return x" + tokenizer.pad_token + tokenizer.mask_token + "return x"
+    assert count == 2 * len(ids) + 2
+
+
+def test_a_tiny_diffusion_model_answers_under_the_published_harness(tiny_models, shared_workspace):
+    from qrobust.tasks.config import GenerationSpec
+    from qrobust.tasks.decoding.diffusion import answers
+    from qrobust.tasks.models.loading import load_model, load_tokenizer
+
+    checkpoint = tiny_models["tiny-diffusion"]
+    model = load_model(checkpoint, shared_workspace, "cpu")
+    tokenizer = load_tokenizer(checkpoint, shared_workspace)
+    generation = GenerationSpec(max_new_tokens=8, steps=8, harness="coda-published", batch_size=32, shard_size=32)
+    prompts = ["def add(a, b):\n", "def a_much_longer_function_name(first, second, third):\n"]
+    texts, counts = answers(model, tokenizer, prompts, generation, checkpoint, seed=0)
+    again, _ = answers(model, tokenizer, prompts, generation, checkpoint, seed=0)
+    assert texts == again and len(texts) == 2
+    assert all(tokenizer.eos_token not in text for text in texts) and all(0 <= c <= 8 for c in counts)
+
+
+def test_published_origin_commits_each_masked_position_with_probability_one_minus_s_over_t():
+    settings = DiffusionSamplerSettings(400, 2, alg="origin")
+    _, seen = published(lambda b, p: preferring(4), settings, torch.tensor([[1, 2]]))
+    committed_first = int((seen[1][0, 2:] != MASK_ID).sum())
+    s_over_t = torch.linspace(1, settings.eps, 3)[1].item()
+    assert abs(committed_first / 400 - (1 - s_over_t)) < 0.08
+    answer, _ = published(lambda b, p: preferring(4), settings, torch.tensor([[1, 2]]))
+    assert (answer == 4).all()  # the last step commits every position left

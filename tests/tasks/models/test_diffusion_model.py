@@ -345,3 +345,30 @@ def test_inverse_t_weighting_makes_the_loss_unbiased_for_mean_cross_entropy():
         loss = masked_diffusion_loss(model, input_ids, attention_mask, loss_mask, MASK_ID, generator, logits_shift=False)
         mean_cross_entropy = F.cross_entropy(model.table.expand(2000, -1, -1).reshape(-1, VOCAB), input_ids.flatten())
     assert abs(loss.item() / mean_cross_entropy.item() - 1) < 0.1
+
+
+# --------------------------------------------------------------------------- CoDA's own forward (published harness)
+
+def test_published_forward_lets_a_left_padded_row_attend_to_its_pads():
+    from qrobust.tasks.models.diffusion import pads_visible_logits_at
+
+    model = tiny_qwen3()
+    input_ids, attention_mask = padded_batch()
+    positions = torch.arange(3, 8).expand(2, -1)
+    published = pads_visible_logits_at(model, input_ids, positions)
+    other_pads = input_ids.clone()
+    other_pads[1, :3] = (other_pads[1, :3] + 1) % MASK_ID
+    assert not torch.allclose(published[1], pads_visible_logits_at(model, other_pads, positions)[1])
+    # the row-independent forward sees none of that
+    independent = diffusion_logits_at(model, input_ids, attention_mask, positions)
+    assert torch.allclose(independent[1], diffusion_logits_at(model, other_pads, attention_mask, positions)[1])
+
+
+def test_published_forward_of_a_row_without_pads_is_the_row_independent_one():
+    from qrobust.tasks.models.diffusion import pads_visible_logits_at
+
+    model = tiny_qwen3()
+    input_ids, _ = padded_batch()
+    positions = torch.arange(8).expand(2, -1)
+    assert torch.allclose(pads_visible_logits_at(model, input_ids, positions),
+                          diffusion_logits_at(model, input_ids, torch.ones_like(input_ids), positions), atol=1e-6)

@@ -463,3 +463,47 @@ def test_claim_on_sample_frames_equals_the_batched_computation_used_above():
     low, high = stats.bootstrap_mean_interval(difference[None, :])
     assert (result.ci_low, result.ci_high) == pytest.approx((low[0], high[0]))
     assert result.difference == pytest.approx(difference.mean())
+
+
+# --------------------------------------------------------------------------- power
+
+
+Z_80_95 = 1.959964 + 0.841621
+
+
+def test_with_one_sample_the_detectable_drop_is_the_binomial_figure_of_the_fp_pass_rate():
+    # the noise quoted for CoDA on HumanEval: sqrt(0.543 * 0.457 / 164) = 3.9 points per cell
+    solved = np.array([1] * 89 + [0] * 75)
+    drop = stats.minimum_detectable_drop(np.ones(164), solved, np.ones(164))
+    rate = 89 / 164
+    assert drop == pytest.approx(Z_80_95 * math.sqrt(2 * rate * (1 - rate) / 164), rel=1e-6)
+    assert math.sqrt(rate * (1 - rate) / 164) == pytest.approx(0.039, abs=5e-4)
+
+
+def test_with_several_samples_each_problems_own_variance_is_estimated():
+    fp_n, fp_c = np.array([4, 4, 4]), np.array([0, 2, 4])  # only the middle problem is noisy
+    variance = stats.sampling_variance_per_problem(fp_n, fp_c)
+    assert variance.tolist() == pytest.approx([0.0, 2 * 2 / 12, 0.0])
+    drop = stats.minimum_detectable_drop(fp_n, fp_c, np.array([4, 4, 4]))
+    assert drop == pytest.approx(Z_80_95 * math.sqrt((1 / 3) * (1 / 4 + 1 / 4) / 9))
+
+
+def test_a_cell_that_never_varies_could_detect_any_drop():
+    assert stats.minimum_detectable_drop(np.full(5, 3), np.full(5, 3), np.full(5, 3)) == 0.0
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.integers(min_value=0, max_value=4), min_size=1, max_size=30), st.integers(1, 8), st.integers(1, 8))
+def test_more_samples_in_the_quantized_cell_never_make_the_detectable_drop_larger(solved, fewer, more_by):
+    fp_n = np.full(len(solved), 4)
+    smaller_n, larger_n = np.full(len(solved), fewer), np.full(len(solved), fewer + more_by)
+    low = stats.minimum_detectable_drop(fp_n, np.array(solved), larger_n)
+    high = stats.minimum_detectable_drop(fp_n, np.array(solved), smaller_n)
+    assert 0 <= low <= high + 1e-12
+
+
+def test_bad_power_or_counts_are_refused_naming_them():
+    with pytest.raises(ValueError, match="power and level must lie in"):
+        stats.minimum_detectable_drop([1], [1], [1], power=1.2)
+    with pytest.raises(ValueError, match="0 <= c <= n"):
+        stats.minimum_detectable_drop([1], [2], [1])

@@ -44,3 +44,34 @@ def test_the_calibration_set_is_stored_as_tensors_not_as_a_pickle(tiny_models, s
 
 def test_mask_ratios_cycle_over_samples():
     assert mask_ratio_per_sample(CalibrationSpec(n_samples=5, mask_ratios=(0.2, 0.4))) == [0.2, 0.4, 0.2, 0.4, 0.2]
+
+
+WIKITEXT2 = dict(source="wikitext2", path="data/calibration/wikitext2_sample.txt")
+
+
+def test_wikitext2_text_is_the_first_thousand_rows_joined_with_empty_rows_as_space_newline():
+    from qrobust.tasks.stages.calibration import wikitext2_rows, wikitext2_text
+
+    rows = wikitext2_rows(WIKITEXT2["path"])
+    assert rows[0] == "" and rows[1] == " = Harbour Lights of the Northern Coast = \n"
+    assert wikitext2_text(rows).startswith(" \n = Harbour Lights of the Northern Coast = \n \n The harbour")
+    assert wikitext2_text(["a\n"] * 1200) == "a\n" * 1000
+
+
+def test_a_diffusion_model_calibrated_on_wikitext2_without_mask_ratios_sees_clean_text(tiny_models, shared_workspace):
+    spec = CalibrationSpec(n_samples=4, seq_len=32, mask_ratios=(), **WIKITEXT2)
+    model = tiny_models["tiny-diffusion"]
+    calibration = STAGE.run(shared_workspace, (spec, model))
+    tensors = load_calibration(calibration, shared_workspace)
+    assert not calibration.masked and "masked_input_ids" not in tensors
+    assert not (tensors["input_ids"] == model.mask_token_id).any()
+    from qrobust.tasks.stages.calibration import gptq_calibration_examples
+
+    examples = gptq_calibration_examples(calibration, shared_workspace)
+    assert [e["input_ids"] for e in examples] == tensors["input_ids"].tolist()
+
+
+def test_the_same_wikitext2_spec_with_mask_ratios_masks_the_diffusion_models_inputs(tiny_models, shared_workspace):
+    spec = CalibrationSpec(n_samples=4, seq_len=32, mask_ratios=(0.5,), **WIKITEXT2)
+    calibration = STAGE.run(shared_workspace, (spec, tiny_models["tiny-diffusion"]))
+    assert calibration.masked and "masked_input_ids" in load_calibration(calibration, shared_workspace)

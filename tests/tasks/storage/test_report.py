@@ -30,6 +30,7 @@ MODULES = [f"model.layers.{layer}.{part}" for layer in range(LAYERS) for part in
 EXPECTED_TITLES = [
     "overview",
     "pass@1 per cell with 95% bootstrap intervals",
+    "full precision against published scores",
     "accuracy against average bits",
     "degradation against fp",
     "accuracy-memory and accuracy-latency frontiers",
@@ -130,6 +131,10 @@ def build_store(path: Path) -> Path:
         add_cell(con, "tiny-ar", "gptq", 2, None, 2.0, "humaneval", 1, status="failed",
                  error="RuntimeError: <quantizer> ran out of memory | at layer 3")
         con.execute("INSERT INTO pairs VALUES ('coda-demo', 'qwen-demo')")
+        # coda-demo's fp cell solves 24 of 30 (0.8): 0.78 lies in its interval, 0.5 lies far below qwen-demo's
+        con.executemany("INSERT INTO published_scores VALUES (?, ?, ?, ?)", [
+            ("coda-demo", "humaneval", 0.78, "coda-demo paper"), ("qwen-demo", "humaneval", 0.5, "qwen-demo card"),
+            ("qwen-demo", "humaneval-plus", 0.4, "qwen-demo card")])
         refresh_statistics(con, resamples=500)
     return path
 
@@ -161,6 +166,28 @@ def markdown_rows(markdown: str, *leading: str) -> list[list[str]]:
 
 
 # --------------------------------------------------------------------------- content
+
+
+def test_published_scores_stand_beside_fp_cells_and_an_excluded_one_is_flagged(sections):
+    markdown = sections["full precision against published scores"].markdown
+    [coda] = markdown_rows(markdown, "coda-demo", "humaneval")
+    [qwen] = markdown_rows(markdown, "qwen-demo", "humaneval")
+    assert (coda[5], coda[7], coda[8], coda[9]) == ("0.800", "0.780", "0.020", "inside")
+    assert (qwen[7], qwen[9], qwen[10]) == ("0.500", "**outside**", "qwen-demo card")
+    assert not markdown_rows(markdown, "qwen-demo", "humaneval-plus")  # no fp cell ran it
+
+
+def test_degradation_table_gives_each_cells_minimum_detectable_drop(store, sections):
+    import numpy as np
+
+    from qrobust.tasks.numerics.stats import minimum_detectable_drop
+
+    markdown = sections["degradation against fp"].markdown
+    [header] = markdown_rows(markdown, "model", "family")
+    assert header[-1] == "MDE (80%)"
+    [row] = markdown_rows(markdown, "coda-demo", "diffusion", "humaneval", "gptq 4-bit")
+    solved = np.array([1] * 24 + [0] * 6)
+    assert row[-1] == f"{minimum_detectable_drop(np.ones(30), solved, np.ones(30)):.3f}"
 
 
 def test_every_section_title_appears_in_markdown_and_html(written, sections):

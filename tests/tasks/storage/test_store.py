@@ -43,3 +43,24 @@ def test_a_failed_cell_keeps_its_error_and_no_results(tmp_path):
         assert con.execute("SELECT status, error FROM runs").fetchone() == ("failed", "boom")
         assert con.execute("SELECT count(*) FROM results").fetchone()[0] == 0
         assert con.execute("SELECT count(*) FROM samples").fetchone()[0] == 0
+
+
+def test_runs_and_results_say_which_harness_generated_the_cell(tmp_path):
+    grid = parse_grid(GRID.replace("tiny-ar", "tiny-diffusion")
+                      + '[generation]\nharness = "coda-published"\nbatch_size = 32\nshard_size = 32\n')
+    cell = grid.cells()[0]
+    with connect(tmp_path / "s.duckdb") as con:
+        write_cell(con, cell, {"config": {}, "status": "done"}, [_sample("A", True)], _result(1.0))
+        assert con.execute("SELECT harness FROM runs").fetchone()[0] == "coda-published"
+        assert con.execute("SELECT harness FROM results").fetchone()[0] == "coda-published"
+
+
+def test_a_grids_published_scores_replace_only_its_own_models_rows(tmp_path):
+    from qrobust.tasks.config import PublishedScore
+    from qrobust.tasks.storage.store import write_published_scores
+
+    with connect(tmp_path / "s.duckdb") as con:
+        write_published_scores(con, [PublishedScore("a", "mbpp", 0.4, "x"), PublishedScore("b", "mbpp", 0.3, "y")])
+        write_published_scores(con, [PublishedScore("a", "humaneval", 0.5, "z")])
+        rows = con.execute("SELECT model, benchmark, pass_at_1, source FROM published_scores ORDER BY ALL").fetchall()
+    assert rows == [("a", "humaneval", 0.5, "z"), ("b", "mbpp", 0.3, "y")]

@@ -1,3 +1,4 @@
+import math
 import re
 
 import duckdb
@@ -20,7 +21,7 @@ CREATE TABLE samples (cell_id VARCHAR, model VARCHAR, family VARCHAR, method VAR
     sandbox VARCHAR);
 CREATE TABLE results (cell_id VARCHAR, model VARCHAR, family VARCHAR, method VARCHAR, bits INTEGER,
     budget DOUBLE, avg_bits DOUBLE, benchmark VARCHAR, n_problems INTEGER, n_samples INTEGER,
-    pass_at_1 DOUBLE, model_bytes BIGINT, peak_mem_bytes BIGINT, gen_tokens_per_s DOUBLE);
+    pass_at_1 DOUBLE, model_bytes BIGINT, peak_mem_bytes BIGINT, gen_tokens_per_s DOUBLE, harness VARCHAR);
 CREATE TABLE pairs (diffusion_model VARCHAR, ar_model VARCHAR);
 """
 
@@ -119,10 +120,11 @@ def test_views_answer_before_any_statistics_exist_with_empty_intervals(store):
 def test_degradation_has_the_documented_columns_in_order(store):
     views.create_views(store)
     columns = [c for c in store.sql("SELECT * FROM degradation").columns]
-    assert columns[:17] == [
+    assert columns[:18] == [
         "model", "family", "method", "bits", "budget", "avg_bits", "benchmark", "n_problems",
         "fp_pass_at_1", "pass_at_1", "delta_pass_at_1", "relative_degradation",
-        "flips_pass_to_fail", "flips_fail_to_pass", "mcnemar_p", "delta_ci_low", "delta_ci_high"]
+        "flips_pass_to_fail", "flips_fail_to_pass", "mcnemar_p", "delta_ci_low", "delta_ci_high",
+        "min_detectable_drop"]
 
 
 def test_claim_has_the_documented_columns_in_order(store):
@@ -167,6 +169,22 @@ def test_degradation_intervals_equal_the_python_statistics(store):
         assert (row["delta_ci_low"], row["delta_ci_high"]) == pytest.approx((want.delta_ci_low, want.delta_ci_high))
         assert row["mcnemar_p"] == pytest.approx(want.mcnemar_p)
         assert row["delta_pass_at_1"] == pytest.approx(want.delta_pass_at_1)
+        assert row["min_detectable_drop"] == pytest.approx(want.min_detectable_drop)
+
+
+def test_the_minimum_detectable_drop_of_the_hand_counted_cell(store):
+    views.refresh_statistics(store, resamples=RESAMPLES)
+    row = degradation_row(store, "coda-gptq4")
+    # one sample per problem: the bound P(1-P) of the fp cell's 0.7 on its 10 shared problems
+    assert row["min_detectable_drop"] == pytest.approx(2.8015849 * math.sqrt(2 * 0.7 * 0.3 / 10))
+
+
+def test_statistics_tables_from_before_the_power_column_gain_it():
+    con = duckdb.connect()
+    con.execute(STORE_TABLES)
+    con.execute("CREATE TABLE degradation_stats (cell_id VARCHAR, fp_cell_id VARCHAR, n_problems BIGINT)")
+    views.create_views(con)
+    assert "min_detectable_drop" in con.sql("SELECT * FROM degradation").columns
 
 
 def test_degradation_of_a_sampling_cell_uses_all_samples_for_delta_and_first_samples_for_flips(store):
@@ -293,3 +311,14 @@ def test_example_queries_in_the_module_docstring_run(store):
     assert len(queries) == 3
     for query in queries:
         assert store.sql(query).fetchall()
+
+
+def test_a_cell_of_the_published_harness_is_compared_with_the_fp_cell_of_that_harness(store):
+    add_cell(store, "coda-fp-published", "coda", "fp", None, None, "humaneval", greedy(CODA_FP))
+    add_cell(store, "coda-gptq4-published", "coda", "gptq", 4, None, "humaneval", greedy(CODA_GPTQ4))
+    store.execute("UPDATE results SET harness = 'coda-published' WHERE cell_id LIKE '%-published'")
+    views.create_views(store)
+    pairs = dict(store.sql("SELECT cell_id, fp_cell_id FROM degradation WHERE model = 'coda' "
+                           "AND benchmark = 'humaneval'").fetchall())
+    assert pairs["coda-gptq4-published"] == "coda-fp-published" and pairs["coda-gptq4"] == "coda-fp"
+    assert len(pairs) == 4
