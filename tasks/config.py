@@ -181,9 +181,17 @@ class GenerationSpec:
     eps: float = 1e-3
     block_length: int | None = None
     weights: str = "kernel"
+    # tokens, by their text, never drawn (LLaDA's logits_eos_inf) or left out of the
+    # distribution the commit confidence is measured on (LLaDA's confidence_eos_eot_inf)
+    suppressed_tokens: tuple[str, ...] = ()
+    confidence_excluded_tokens: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         choice(self.weights, WEIGHT_MODES, "weights mode")
+        for name in ("suppressed_tokens", "confidence_excluded_tokens"):
+            tokens = getattr(self, name)
+            if not isinstance(tokens, tuple) or not all(isinstance(t, str) and t for t in tokens):
+                raise ConfigError(f"generation {name} must be a list of token texts, got {tokens!r}")
         positive(self.max_new_tokens, "max_new_tokens")
         positive(self.n_samples, "n_samples")
         positive(self.temperature, "temperature", allow_zero=True)
