@@ -20,8 +20,12 @@ DIFFUSION_ALGS = ("origin", "maskgit_plus", "topk_margin", "entropy")
 SANDBOX_BACKENDS = ("auto", "docker", "bwrap", "none")
 PROMPT_STYLES = ("completion", "chat", "coda-instruct")
 # How a model's weights are stored: "auto" = a transformers checkpoint (or a tiny model built
-# here); "coda" = CoDA's own checkpoint format, converted to a Qwen3 checkpoint (qrobust.tasks.models.coda).
-ARCHITECTURES = ("auto", "coda")
+# here); "coda" = CoDA's own checkpoint format, converted to a Qwen3 checkpoint (qrobust.tasks.models.coda);
+# "dream" = Dream's format (Dream, Dream-Coder, DiffuCoder), converted to Qwen2 (qrobust.tasks.models.dream);
+# "llada" = LLaDA's format, converted to Llama (qrobust.tasks.models.llada).
+ARCHITECTURES = ("auto", "coda", "dream", "llada")
+# How each native format's logits are read: shifted right by one (CoDA, Dream) or not (LLaDA).
+NATIVE_LOGITS_SHIFT = {"coda": True, "dream": True, "llada": False}
 # How a quantized checkpoint runs at generation time: gptqmodel's kernels (the speed path) or
 # plain linear layers holding exactly the dequantized weights (the accuracy path).
 WEIGHT_MODES = ("kernel", "dequantized")
@@ -88,7 +92,9 @@ class ModelSpec:
     """A model of one family: a tiny one the project builds, or a Hugging Face checkpoint.
 
     `architecture = "coda"` reads the weights in CoDA's checkpoint format (the hub's, or for a
-    tiny model one written in that format) and converts them to Qwen3 (qrobust.tasks.models.coda).
+    tiny model one written in that format) and converts them to Qwen3 (qrobust.tasks.models.coda);
+    "dream" and "llada" do the same for Dream's and LLaDA's formats. `logits_shift` must be the
+    format's own convention (NATIVE_LOGITS_SHIFT).
     """
 
     name: str
@@ -107,10 +113,18 @@ class ModelSpec:
         choice(self.family, FAMILIES, "model family")
         choice(self.prompt_style, PROMPT_STYLES, "prompt style")
         choice(self.architecture, ARCHITECTURES, "architecture")
-        if self.architecture == "coda" and self.family != "diffusion":
-            raise ConfigError(
-                f"model {self.name!r} has architecture 'coda', which needs family 'diffusion', not {self.family!r}"
-            )
+        if self.architecture in NATIVE_LOGITS_SHIFT:
+            if self.family != "diffusion":
+                raise ConfigError(
+                    f"model {self.name!r} has architecture {self.architecture!r}, which needs family 'diffusion', "
+                    f"not {self.family!r}"
+                )
+            shift = NATIVE_LOGITS_SHIFT[self.architecture]
+            if self.logits_shift != shift:
+                raise ConfigError(
+                    f"model {self.name!r} has architecture {self.architecture!r}, whose logits are read "
+                    f"{'shifted' if shift else 'unshifted'}; set logits_shift = {str(shift).lower()}"
+                )
         if (self.hf_id is None) == (self.tiny is None):
             raise ConfigError(f"model {self.name!r} needs exactly one of hf_id or a tiny architecture")
 

@@ -89,7 +89,7 @@ def test_the_same_model_twice_is_refused():
 @pytest.mark.parametrize(
     "entry, fragment",
     [
-        ('architecture = "dream"', "unknown architecture 'dream'; allowed: auto, coda"),
+        ('architecture = "mamba"', "unknown architecture 'mamba'; allowed: auto, coda, dream, llada"),
         ('architecture = "coda"', "architecture 'coda', which needs family 'diffusion', not 'ar'"),
         ('prompt_style = "fancy"', "unknown prompt style 'fancy'; allowed: completion, chat, coda-instruct"),
     ],
