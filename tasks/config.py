@@ -300,7 +300,9 @@ class PairSpec:
 @dataclass(frozen=True)
 class GridConfig:
     """A parsed grid. `generation` is the grid's own table; `model_generation` holds, for each
-    model whose entry has a `generation` table, that table merged over the grid's."""
+    model with settings of its own (a `generation` table in its entry, or a preset's published
+    settings), those settings merged over the grid's; `benchmark_generation` holds, for a model
+    and a benchmark, settings that apply to that benchmark only (model, benchmark, settings)."""
 
     name: str
     models: tuple[ModelSpec, ...]
@@ -312,14 +314,20 @@ class GridConfig:
     sandbox: SandboxSpec = field(default_factory=SandboxSpec)
     model_generation: tuple[tuple[str, GenerationSpec], ...] = ()
     scale: ScaleSpec = field(default_factory=ScaleSpec)
+    benchmark_generation: tuple[tuple[str, str, GenerationSpec], ...] = ()
 
-    def generation_for(self, model: ModelSpec) -> GenerationSpec:
-        """The settings `model` generates with: its own table if it has one, else the grid's."""
+    def generation_for(self, model: ModelSpec, benchmark: BenchmarkSpec | None = None) -> GenerationSpec:
+        """The settings `model` generates with (on `benchmark`, when given): its benchmark's own
+        settings if it has any, else its own, else the grid's."""
+        if benchmark is not None:
+            for name, benchmark_name, generation in self.benchmark_generation:
+                if (name, benchmark_name) == (model.name, benchmark.name):
+                    return generation
         return dict(self.model_generation).get(model.name, self.generation)
 
     def cells(self) -> list["Cell"]:
         return [
-            Cell(model=m, method=q, benchmark=b, generation=self.generation_for(m), calibration=self.calibration)
+            Cell(model=m, method=q, benchmark=b, generation=self.generation_for(m, b), calibration=self.calibration)
             for m in self.models
             for q in self.methods
             for b in self.benchmarks

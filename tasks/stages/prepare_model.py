@@ -93,7 +93,7 @@ def _converted(directory: Path, spec: ModelSpec, fields: dict) -> PreparedModel:
 
 
 def _with_local_weights(model: PreparedModel, directory: Path) -> PreparedModel:
-    """Its size on disk, and the mask token its tokenizer names when the spec gave none."""
+    """Its size on disk and in parameters, and the mask token its tokenizer names when the spec gave none."""
     import dataclasses
 
     from transformers import AutoTokenizer
@@ -101,7 +101,21 @@ def _with_local_weights(model: PreparedModel, directory: Path) -> PreparedModel:
     mask_token_id = model.mask_token_id
     if model.family == "diffusion" and mask_token_id is None:
         mask_token_id = AutoTokenizer.from_pretrained(directory).mask_token_id
-    return dataclasses.replace(model, model_bytes=directory_bytes(directory), mask_token_id=mask_token_id)
+    return dataclasses.replace(model, model_bytes=directory_bytes(directory), mask_token_id=mask_token_id,
+                               parameters=saved_parameters(directory))
+
+
+def saved_parameters(directory: Path) -> int:
+    """Values in a checkpoint's safetensors files (each tensor once), read from their headers."""
+    import math
+
+    from safetensors import safe_open
+
+    total = 0
+    for file in sorted(Path(directory).glob("*.safetensors")):
+        with safe_open(file, "pt") as opened:
+            total += sum(math.prod(opened.get_slice(name).get_shape()) for name in opened.keys())
+    return total
 
 
 STAGE = Stage("prepare-model", prepare_model, PreparedModel, libraries=("torch", "transformers", "tokenizers"),

@@ -61,6 +61,11 @@ ALTER TABLE stage_events ADD COLUMN IF NOT EXISTS started_at TIMESTAMP;
 CREATE TABLE IF NOT EXISTS code_fingerprints (code_hash VARCHAR PRIMARY KEY, modules VARCHAR);
 -- the cache key of every stage call a stored cell came from (JSON list of {stage, shard, key})
 ALTER TABLE runs ADD COLUMN IF NOT EXISTS stage_keys VARCHAR;
+-- what each declared pair holds equal (tasks/pairs.py): one row per pair and attribute
+CREATE TABLE IF NOT EXISTS pair_matching (
+    diffusion_model VARCHAR, ar_model VARCHAR, attribute VARCHAR, diffusion_value VARCHAR, ar_value VARCHAR,
+    verdict VARCHAR, attribute_order INTEGER, PRIMARY KEY (diffusion_model, ar_model, attribute)
+);
 """
 
 
@@ -169,6 +174,16 @@ def write_pairs(con, pairs) -> None:
     con.execute("COMMIT")
 
 
+def write_pair_matching(con, facts) -> None:
+    """Replace the pair-matching facts (`tasks.pairs.PairFact`s) with those of the latest run."""
+    import dataclasses
+
+    con.execute("BEGIN TRANSACTION")
+    con.execute("DELETE FROM pair_matching")
+    _insert(con, "pair_matching", [dataclasses.asdict(fact) for fact in facts])
+    con.execute("COMMIT")
+
+
 def write_cell(con, cell, run_record: dict, samples: list, result) -> None:
     """Replace everything stored for one cell, atomically.
 
@@ -248,9 +263,11 @@ def content_digest(con) -> str:
     import hashlib
 
     digest = hashlib.sha256()
+    present = {name for (name,) in con.execute("SELECT table_name FROM information_schema.tables").fetchall()}
     for table, exclude in (("runs", "EXCLUDE (finished_at)"), ("samples", ""), ("results", ""), ("pairs", ""),
-                           ("layer_sensitivity", ""), ("layer_bits", "")):
-        rows = con.execute(f"SELECT * {exclude} FROM {table} ORDER BY ALL").fetchall()
+                           ("pair_matching", ""), ("layer_sensitivity", ""), ("layer_bits", "")):
+        # a store written before a table existed is read as it is
+        rows = con.execute(f"SELECT * {exclude} FROM {table} ORDER BY ALL").fetchall() if table in present else []
         digest.update(f"{table}:{rows!r}".encode())
     return digest.hexdigest()[:20]
 
