@@ -269,3 +269,13 @@ def test_pairs_tiny_grid_keeps_the_new_presets_on_tiny_stand_ins():
     llada = {b: _generation(tiny, "tiny-llada", b) for b in ("humaneval", "mbpp")}
     assert llada["humaneval"].suppressed_tokens == ("<|endoftext|>",) and not llada["humaneval"].confidence_excluded_tokens
     assert llada["mbpp"].confidence_excluded_tokens == ("<|endoftext|>", "<|eot_id|>")
+
+
+def test_dry_run_settings_show_lladas_eos_settings_per_benchmark():
+    from qrobust.flows.cli import generation_settings
+
+    grid = load_grid("pairs")
+    cells = {c.benchmark.name: c for c in grid.cells() if c.model.name == "llada-8b" and c.method.name == "fp"}
+    assert "suppressed_tokens=<|endoftext|>" in generation_settings(cells["humaneval"]).split()
+    assert "confidence_excluded_tokens=<|endoftext|>,<|eot_id|>" in generation_settings(cells["mbpp"]).split()
+    assert "block_length=256" in generation_settings(cells["mbpp"]).split()
