@@ -566,6 +566,8 @@ def token_ids(tokens: tuple[str, ...], tokenizer, setting: str) -> tuple[int, ..
     """The ids of tokens named by their text; a name the tokenizer does not hold is an error."""
     if not tokens:
         return ()
+    if tokenizer is None:
+        raise ValueError(f"generation {setting} names tokens; their ids need the model's tokenizer")
     vocabulary = tokenizer.get_vocab()
     unknown = [token for token in tokens if token not in vocabulary]
     if unknown:
