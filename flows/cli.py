@@ -211,6 +211,9 @@ def generation_settings(cell) -> str:
     if cell.model.family == "diffusion":
         settings += [f"steps={g.steps}", f"alg={g.alg}", f"alg_temp={g.alg_temp}", f"eps={g.eps}",
                      f"block_length={g.block_length}", f"harness={g.harness}"]
+        for name in ("suppressed_tokens", "confidence_excluded_tokens"):
+            if getattr(g, name):
+                settings.append(f"{name}={','.join(getattr(g, name))}")
     settings += [f"n_samples={g.n_samples}", f"seed={g.seed}", f"dtype={cell.model.dtype}", f"weights={g.weights}",
                  f"kernel={g.kernel}", f"batch_size={g.batch_size}"]
     return " ".join(settings)

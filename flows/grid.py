@@ -363,8 +363,13 @@ class GridRun:
         self.progress.cell_failed(cell, error)
 
     def finish(self, report: bool, recompute: frozenset[str]) -> None:
+        from qrobust.tasks.pairs import pair_facts
+        from qrobust.tasks.storage.store import write_pair_matching
         from qrobust.tasks.storage.views import refresh_statistics
 
+        prepared = {call.inputs[0].name: outcome for call, outcome in self.outcomes.items()
+                    if call.stage.name == "prepare-model" and not isinstance(outcome, (Failed, Skipped))}
+        self.store.write(write_pair_matching, pair_facts(self.grid, prepared))
         self.store.write(refresh_statistics)
         if report:
             from qrobust.tasks.stages.report import write_workspace_report

@@ -124,6 +124,7 @@ class PreparedModel(Checkpoint):
     hf_id: str | None = None
     training: dict | None = None  # the training run's statistics, for pipeline-trained tiny models
     conversion: dict | None = None  # what a native conversion did (source, family, mask id, shift)
+    parameters: int | None = None  # counted in the saved weights (None for a model named on the hub)
 
     def location(self, workspace) -> str:
         return self.hf_id or super().location(workspace)

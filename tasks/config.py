@@ -21,8 +21,12 @@ DIFFUSION_ALGS = ("origin", "maskgit_plus", "topk_margin", "entropy")
 SANDBOX_BACKENDS = ("auto", "docker", "bwrap", "none")
 PROMPT_STYLES = ("completion", "chat", "coda-instruct")
 # How a model's weights are stored: "auto" = a transformers checkpoint (or a tiny model built
-# here); "coda" = CoDA's own checkpoint format, converted to a Qwen3 checkpoint (qrobust.tasks.models.coda).
-ARCHITECTURES = ("auto", "coda")
+# here); "coda" = CoDA's own checkpoint format, converted to a Qwen3 checkpoint (qrobust.tasks.models.coda);
+# "dream" = Dream's format (Dream, Dream-Coder, DiffuCoder), converted to Qwen2 (qrobust.tasks.models.dream);
+# "llada" = LLaDA's format, converted to Llama (qrobust.tasks.models.llada).
+ARCHITECTURES = ("auto", "coda", "dream", "llada")
+# How each native format's logits are read: shifted right by one (CoDA, Dream) or not (LLaDA).
+NATIVE_LOGITS_SHIFT = {"coda": True, "dream": True, "llada": False}
 # How a quantized checkpoint runs at generation time: gptqmodel's kernels (the speed path) or
 # plain linear layers holding exactly the dequantized weights (the accuracy path).
 WEIGHT_MODES = ("kernel", "dequantized")
@@ -99,7 +103,9 @@ class ModelSpec:
     """A model of one family: a tiny one the project builds, or a Hugging Face checkpoint.
 
     `architecture = "coda"` reads the weights in CoDA's checkpoint format (the hub's, or for a
-    tiny model one written in that format) and converts them to Qwen3 (qrobust.tasks.models.coda).
+    tiny model one written in that format) and converts them to Qwen3 (qrobust.tasks.models.coda);
+    "dream" and "llada" do the same for Dream's and LLaDA's formats. `logits_shift` must be the
+    format's own convention (NATIVE_LOGITS_SHIFT).
     """
 
     name: str
@@ -118,10 +124,18 @@ class ModelSpec:
         choice(self.family, FAMILIES, "model family")
         choice(self.prompt_style, PROMPT_STYLES, "prompt style")
         choice(self.architecture, ARCHITECTURES, "architecture")
-        if self.architecture == "coda" and self.family != "diffusion":
-            raise ConfigError(
-                f"model {self.name!r} has architecture 'coda', which needs family 'diffusion', not {self.family!r}"
-            )
+        if self.architecture in NATIVE_LOGITS_SHIFT:
+            if self.family != "diffusion":
+                raise ConfigError(
+                    f"model {self.name!r} has architecture {self.architecture!r}, which needs family 'diffusion', "
+                    f"not {self.family!r}"
+                )
+            shift = NATIVE_LOGITS_SHIFT[self.architecture]
+            if self.logits_shift != shift:
+                raise ConfigError(
+                    f"model {self.name!r} has architecture {self.architecture!r}, whose logits are read "
+                    f"{'shifted' if shift else 'unshifted'}; set logits_shift = {str(shift).lower()}"
+                )
         if (self.hf_id is None) == (self.tiny is None):
             raise ConfigError(f"model {self.name!r} needs exactly one of hf_id or a tiny architecture")
 
@@ -197,11 +211,19 @@ class GenerationSpec:
     weights: str = "kernel"
     kernel: str = "auto"
     harness: str = DEFAULT_HARNESS
+    # tokens, by their text, never drawn (LLaDA's logits_eos_inf) or left out of the
+    # distribution the commit confidence is measured on (LLaDA's confidence_eos_eot_inf)
+    suppressed_tokens: tuple[str, ...] = ()
+    confidence_excluded_tokens: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         choice(self.weights, WEIGHT_MODES, "weights mode")
         choice(self.kernel, KERNEL_NAMES, "kernel")
         choice(self.harness, HARNESSES, "harness")
+        for name in ("suppressed_tokens", "confidence_excluded_tokens"):
+            tokens = getattr(self, name)
+            if not isinstance(tokens, tuple) or not all(isinstance(t, str) and t for t in tokens):
+                raise ConfigError(f"generation {name} must be a list of token texts, got {tokens!r}")
         positive(self.max_new_tokens, "max_new_tokens")
         positive(self.n_samples, "n_samples")
         positive(self.temperature, "temperature", allow_zero=True)
@@ -342,7 +364,9 @@ class PairSpec:
 @dataclass(frozen=True)
 class GridConfig:
     """A parsed grid. `generation` is the grid's own table; `model_generation` holds, for each
-    model whose entry has a `generation` table, that table merged over the grid's."""
+    model with settings of its own (a `generation` table in its entry, or a preset's published
+    settings), those settings merged over the grid's; `benchmark_generation` holds, for a model
+    and a benchmark, settings that apply to that benchmark only (model, benchmark, settings)."""
 
     name: str
     models: tuple[ModelSpec, ...]
@@ -355,9 +379,15 @@ class GridConfig:
     model_generation: tuple[tuple[str, GenerationSpec], ...] = ()
     scale: ScaleSpec = field(default_factory=ScaleSpec)
     published: tuple[PublishedScore, ...] = ()
+    benchmark_generation: tuple[tuple[str, str, GenerationSpec], ...] = ()
 
-    def generation_for(self, model: ModelSpec) -> GenerationSpec:
-        """The settings `model` generates with: its own table if it has one, else the grid's."""
+    def generation_for(self, model: ModelSpec, benchmark: BenchmarkSpec | None = None) -> GenerationSpec:
+        """The settings `model` generates with (on `benchmark`, when given): its benchmark's own
+        settings if it has any, else its own, else the grid's."""
+        if benchmark is not None:
+            for name, benchmark_name, generation in self.benchmark_generation:
+                if (name, benchmark_name) == (model.name, benchmark.name):
+                    return generation
         return dict(self.model_generation).get(model.name, self.generation)
 
     def sandbox_for(self, model: ModelSpec) -> SandboxSpec:
@@ -369,7 +399,7 @@ class GridConfig:
 
     def cells(self) -> list["Cell"]:
         return [
-            Cell(model=m, method=q, benchmark=b, generation=self.generation_for(m), calibration=self.calibration)
+            Cell(model=m, method=q, benchmark=b, generation=self.generation_for(m, b), calibration=self.calibration)
             for m in self.models
             for q in self.methods
             for b in self.benchmarks

@@ -3,6 +3,10 @@
 Parsing is the only place that turns names into objects: a model name into its preset
 (`tasks.presets`), a method name into its registered class (`tasks.methods`). Bad input raises
 `ConfigError` with a one-line message naming the bad value and the allowed ones.
+
+A model generates with, from weakest to strongest: the grid's `[generation]`, its preset's
+published settings (its `ModelCard`: every benchmark, then the benchmark's own), its entry's
+`[models.generation]`, and that table's per-benchmark tables (`[models.generation.mbpp]`).
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from qrobust.tasks.config import (
+    BENCHMARKS,
     BenchmarkSpec,
     CalibrationSpec,
     ConfigError,
@@ -28,7 +33,7 @@ from qrobust.tasks.config import (
     build_config,
 )
 from qrobust.tasks.methods import parse_method_entry
-from qrobust.tasks.presets import BUILTIN_MODELS, KNOWN_INPUT_WIDTHS, PUBLISHED_SCORES
+from qrobust.tasks.presets import BUILTIN_MODELS, KNOWN_INPUT_WIDTHS, MODEL_CARDS, PUBLISHED_SCORES
 from qrobust.tasks.runtime.bundled import data_path
 
 
@@ -94,20 +99,31 @@ def parse_grid(text: str, name: str = "grid") -> GridConfig:
                 raise ConfigError(f"pair member {member!r} must be a {family} model of this grid")
     grid_generation = raw.get("generation", {})
     generation = build_config(GenerationSpec, grid_generation, "generation")
-    model_generation = tuple(
-        (model.name, build_config(GenerationSpec, {**grid_generation, **overrides}, f"model {model.name!r} generation"))
-        for model, (_, overrides) in zip(models, entries)
-        if overrides is not None
-    )
     _unique(models, "model", key=lambda m: m.name)
     calibration = build_config(CalibrationSpec, raw.get("calibration", {}), "calibration")
+    model_generation, benchmark_generation = [], []
+    for model, (_, overrides) in zip(models, entries):
+        own, benchmark_tables = _split_benchmark_tables(overrides, model.name)
+        card = MODEL_CARDS.get(model.name)
+        published = card.generation if card else {}
+        what = f"model {model.name!r} generation"
+        if card is not None or overrides is not None:
+            model_generation.append(
+                (model.name, build_config(GenerationSpec, {**grid_generation, **published, **own}, what)))
+        for name in sorted({b.name for b in benchmarks}):
+            published_here = card.benchmark_generation.get(name, {}) if card else {}
+            if published_here or name in benchmark_tables:
+                values = {**grid_generation, **published, **published_here, **own, **benchmark_tables.get(name, {})}
+                benchmark_generation.append((model.name, name, build_config(GenerationSpec, values, f"{what} for {name}")))
     for model in models:
         widths = input_widths(model)
         for method in methods if widths else ():
             method.check_input_widths(widths, model.name)
-        model_settings = dict(model_generation).get(model.name, generation)
-        _check_training_matches_generation(model, model_settings)
-        _check_harness_fits_family(model, model_settings)
+        settings = [dict(model_generation).get(model.name, generation)]
+        settings += [specific for name, _, specific in benchmark_generation if name == model.name]
+        for model_settings in settings:
+            _check_training_matches_generation(model, model_settings)
+            _check_harness_fits_family(model, model_settings)
         _check_curvature_loss_has_masks(model, methods, calibration)
     return GridConfig(
         name=raw.get("name", name),
@@ -118,9 +134,10 @@ def parse_grid(text: str, name: str = "grid") -> GridConfig:
         generation=generation,
         calibration=calibration,
         sandbox=build_config(SandboxSpec, raw.get("sandbox", {}), "sandbox"),
-        model_generation=model_generation,
+        model_generation=tuple(model_generation),
         scale=build_config(ScaleSpec, raw.get("scale", {}), "scale"),
         published=_published_scores(models, raw.get("published", [])),
+        benchmark_generation=tuple(benchmark_generation),
     )
 
 
@@ -171,6 +188,22 @@ def _check_curvature_loss_has_masks(model: ModelSpec, methods: tuple, calibratio
             f"method {curvature[0]!r} on diffusion model {model.name!r} needs calibration mask_ratios (its loss "
             f"is the masked-denoising loss); mask_ratios = [] calibrates on clean text, for GPTQ-style methods only"
         )
+
+
+
+def _split_benchmark_tables(overrides: dict | None, model: str) -> tuple[dict, dict[str, dict]]:
+    """A model's generation table without its per-benchmark tables, and those tables by benchmark."""
+    own, tables = {}, {}
+    for key, value in (overrides or {}).items():
+        if isinstance(value, dict):
+            if key not in BENCHMARKS:
+                raise ConfigError(
+                    f"unknown benchmark table {key!r} in model {model!r} generation; allowed: {', '.join(BENCHMARKS)}"
+                )
+            tables[key] = value
+        else:
+            own[key] = value
+    return own, tables
 
 
 def _check_training_matches_generation(model: ModelSpec, generation: GenerationSpec) -> None:

@@ -75,6 +75,13 @@ class DiffusionSamplerSettings:
       unlike alg `origin`).
     - logits_shift: how the model's logits are aligned; the sampler itself only records it,
       the caller's logits_fn applies it.
+    - suppressed_token_ids: tokens never drawn, like the mask token (LLaDA's `logits_eos_inf`
+      suppresses its eos).
+    - confidence_excluded_token_ids: tokens removed from the distribution that the confidence
+      is measured on, which is renormalised over the rest; a position whose drawn token is
+      one of them has confidence 0 under maskgit_plus and is committed last. The draw is
+      unchanged. This is what LLaDA's `confidence_eos_eot_inf` does in its published
+      generate.py under greedy decoding (to eos and `<|eot_id|>`).
     """
 
     max_new_tokens: int
@@ -88,6 +95,8 @@ class DiffusionSamplerSettings:
     block_length: int | None = None
     remasking: str = "low_confidence"
     logits_shift: bool = True
+    suppressed_token_ids: tuple[int, ...] = ()
+    confidence_excluded_token_ids: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         _require(_is_int(self.max_new_tokens) and self.max_new_tokens >= 1,
@@ -103,6 +112,10 @@ class DiffusionSamplerSettings:
         _require(self.alg_temp is None or self.alg_temp >= 0, f"alg_temp must be None or >= 0, got {self.alg_temp!r}")
         _require(0 < self.eps < 1, f"eps must be in (0, 1), got {self.eps!r}")
         _require(isinstance(self.logits_shift, bool), f"logits_shift must be a bool, got {self.logits_shift!r}")
+        for name in ("suppressed_token_ids", "confidence_excluded_token_ids"):
+            ids = getattr(self, name)
+            _require(isinstance(ids, tuple) and all(_is_int(i) and i >= 0 for i in ids),
+                     f"{name} must be a tuple of token ids >= 0, got {ids!r}")
         if self.block_length is not None:
             _require(_is_int(self.block_length) and self.block_length >= 1,
                      f"block_length must be None or an int >= 1, got {self.block_length!r}")
@@ -360,7 +373,7 @@ def _score_rows(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """`score_positions` on rows [R, V]: one float32 copy of the logits, changed in place."""
     scaled = logits.to(torch.float32, copy=True)
-    scaled[:, mask_token_id] = float("-inf")
+    scaled[:, [mask_token_id, *settings.suppressed_token_ids]] = float("-inf")
     if settings.temperature:
         scaled.div_(settings.temperature)
     if _nucleus_route_applies(settings, scaled.shape[-1]):
@@ -370,14 +383,27 @@ def _score_rows(
     probs = token_probabilities(scaled, None, settings.top_p, settings.top_k)
     del scaled
     token_prob, tokens = _sample_tokens(probs, settings.greedy, generator)
-    return tokens, None if statistic is None else _confidence(statistic, probs, token_prob, generator)
+    if statistic is None:
+        return tokens, None
+    if settings.confidence_excluded_token_ids:
+        probs = _without_tokens(probs, settings.confidence_excluded_token_ids)
+        token_prob = probs.gather(-1, tokens[:, None]).squeeze(-1)
+    return tokens, _confidence(statistic, probs, token_prob, generator)
+
+
+def _without_tokens(probs: torch.Tensor, token_ids: tuple[int, ...]) -> torch.Tensor:
+    """`probs` [R, V] with `token_ids` set to 0 and the rest renormalised (a row that held
+    nothing else keeps its zeros)."""
+    kept = probs.clone()
+    kept[:, list(token_ids)] = 0
+    return kept / kept.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(kept.dtype).tiny)
 
 
 def _nucleus_route_applies(settings: DiffusionSamplerSettings, vocab: int) -> bool:
     """Sampling with top-p alone over a vocabulary larger than the candidates. Greedy
     sampling keeps the full route, whose argmax breaks ties by token id."""
     return (not settings.greedy and settings.top_p is not None and settings.top_p < 1
-            and settings.top_k is None and vocab > NUCLEUS_CANDIDATES)
+            and settings.top_k is None and vocab > NUCLEUS_CANDIDATES and not settings.confidence_excluded_token_ids)
 
 
 def _nucleus_candidates(scaled: torch.Tensor, top_p: float) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -679,8 +705,9 @@ def auto_batch_size(model, device: str, cap: int = 32) -> int:
     return rows_that_fit(device, bytes_per_token, cap)
 
 
-def sampler_settings(generation, logits_shift: bool) -> "DiffusionSamplerSettings":
-    """The sampler settings of a grid's generation table."""
+def sampler_settings(generation, logits_shift: bool, tokenizer=None) -> "DiffusionSamplerSettings":
+    """The sampler settings of a grid's generation table; `tokenizer` turns the token names it
+    suppresses or excludes from confidence into ids (needed only when it names any)."""
     return DiffusionSamplerSettings(
         max_new_tokens=generation.max_new_tokens,
         steps=generation.steps,
@@ -692,7 +719,23 @@ def sampler_settings(generation, logits_shift: bool) -> "DiffusionSamplerSetting
         eps=generation.eps,
         block_length=generation.block_length,
         logits_shift=logits_shift,
+        suppressed_token_ids=token_ids(generation.suppressed_tokens, tokenizer, "suppressed_tokens"),
+        confidence_excluded_token_ids=token_ids(
+            generation.confidence_excluded_tokens, tokenizer, "confidence_excluded_tokens"),
     )
+
+
+def token_ids(tokens: tuple[str, ...], tokenizer, setting: str) -> tuple[int, ...]:
+    """The ids of tokens named by their text; a name the tokenizer does not hold is an error."""
+    if not tokens:
+        return ()
+    if tokenizer is None:
+        raise ValueError(f"generation {setting} names tokens; their ids need the model's tokenizer")
+    vocabulary = tokenizer.get_vocab()
+    unknown = [token for token in tokens if token not in vocabulary]
+    if unknown:
+        raise ValueError(f"generation {setting} names {unknown[0]!r}, which is not a token of this model's tokenizer")
+    return tuple(vocabulary[token] for token in tokens)
 
 
 def answers(model, tokenizer, prompts: list[str], generation, checkpoint, seed: int, stop_strings=()):
@@ -714,7 +757,7 @@ def answers(model, tokenizer, prompts: list[str], generation, checkpoint, seed: 
             lambda ids, mask, positions: diffusion_logits_at(model, ids, mask, positions, shift),
             encoded["input_ids"],
             encoded["attention_mask"],
-            sampler_settings(generation, shift),
+            sampler_settings(generation, shift, tokenizer),
             checkpoint.mask_token_id,
             generator,
             logits_at_positions=True,

@@ -53,6 +53,18 @@ import json
 from pathlib import Path
 
 from qrobust.tasks.config import TinyArchitecture
+from qrobust.tasks.models.native import (
+    NativeCheckpointError,
+    load_into,
+    load_tokenizer_without_remote_code,
+    random_weight,
+    read_native_config,
+    read_safetensors,
+    resolve_checkpoint_directory,
+    save_converted,
+    save_sharded,
+    torch_dtype,
+)
 
 CODA_MODEL_TYPE = "CoDA"
 CODA_ARCHITECTURE = "CoDALanguageModel"
@@ -94,69 +106,13 @@ CODA_CONFIG_DEFAULTS = {
     "sampling_eps": [0.001, 0.25, 0.5, 0.25, 0.001],
 }
 
-# What a hub download fetches: configs, weights and tokenizer files; never the remote code.
-HUB_FILE_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.jinja", "*.model"]
-SAFETENSORS_INDEX = "model.safetensors.index.json"
-LISTED_KEYS = 5  # how many offending names an error message shows
-
-
-class CodaCheckpointError(ValueError):
-    """A checkpoint is not a loadable CoDA checkpoint; the message is one line naming why."""
-
-
-# --------------------------------------------------------------------------- files
-
-def resolve_checkpoint_directory(path_or_hub_id: str | Path) -> Path:
-    """A local checkpoint directory, or the snapshot of a hub id (downloaded on first use)."""
-    path = Path(path_or_hub_id).expanduser()
-    if path.is_dir():
-        return path
-    text = str(path_or_hub_id)
-    looks_like_hub_id = text.count("/") == 1 and not text.startswith((".", "/", "~"))
-    if not looks_like_hub_id:
-        raise FileNotFoundError(f"CoDA checkpoint directory {text!r} does not exist")
-    from huggingface_hub import snapshot_download
-
-    return Path(snapshot_download(text, allow_patterns=HUB_FILE_PATTERNS))
+# A CoDA checkpoint that cannot be loaded raises the error every native format raises.
+CodaCheckpointError = NativeCheckpointError
 
 
 def read_coda_config(directory: Path) -> dict:
     """CoDA's config.json; refuses a checkpoint of another model type."""
-    file = Path(directory) / "config.json"
-    if not file.exists():
-        raise CodaCheckpointError(f"{str(directory)!r} has no config.json")
-    config = json.loads(file.read_text())
-    model_type = config.get("model_type")
-    architectures = config.get("architectures") or []
-    if model_type != CODA_MODEL_TYPE and CODA_ARCHITECTURE not in architectures:
-        raise CodaCheckpointError(
-            f"{str(directory)!r} is not a CoDA checkpoint: model_type {model_type!r}, architectures "
-            f"{architectures!r}; expected model_type {CODA_MODEL_TYPE!r} or architecture {CODA_ARCHITECTURE!r}"
-        )
-    return config
-
-
-def read_safetensors(directory: Path) -> dict:
-    """Every tensor of a checkpoint: the files its index lists, else every *.safetensors file."""
-    from safetensors import safe_open
-
-    directory = Path(directory)
-    index = directory / SAFETENSORS_INDEX
-    if index.exists():
-        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        files = [directory / name for name in names]
-    else:
-        files = sorted(directory.glob("*.safetensors"))
-    if not files:
-        raise CodaCheckpointError(f"{str(directory)!r} holds no *.safetensors weights")
-    tensors = {}
-    for file in files:
-        with safe_open(file, "pt") as opened:
-            for key in opened.keys():
-                if key in tensors:
-                    raise CodaCheckpointError(f"tensor {key!r} appears in more than one file of {str(directory)!r}")
-                tensors[key] = opened.get_tensor(key)
-    return tensors
+    return read_native_config(directory, "CoDA", (CODA_MODEL_TYPE,), (CODA_ARCHITECTURE,))
 
 
 # --------------------------------------------------------------------------- config and names
@@ -174,7 +130,7 @@ def coda_config_to_qwen3(config_dict: dict):
     # a config re-saved by a newer transformers may hold the rotary settings as rope_parameters
     rope = values.get("rope_parameters") or values["rope_scaling"] or {}
     if rope and rope.get("rope_type", rope.get("type")) != "default":
-        raise CodaCheckpointError(f"CoDA rope_scaling {rope!r} is not supported; allowed: null or rope_type 'default'")
+        raise NativeCheckpointError(f"CoDA rope_scaling {rope!r} is not supported; allowed: null or rope_type 'default'")
     rope_theta = float(rope.get("rope_theta", values["rope_theta"]))
     config = Qwen3Config(
         vocab_size=values["vocab_size"],
@@ -235,28 +191,6 @@ def coda_parameter_shapes(config_dict: dict) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def _check_names_and_shapes(found: dict, expected: dict, directory: Path) -> None:
-    """One error naming the missing, unexpected and mis-shaped tensors, if there are any."""
-    problems = []
-    missing = sorted(set(expected) - set(found))
-    unexpected = sorted(set(found) - set(expected))
-    misshaped = sorted(k for k in set(found) & set(expected) if tuple(found[k].shape) != tuple(expected[k]))
-    if missing:
-        problems.append(f"missing {len(missing)} key(s): {_listed(missing)}")
-    if unexpected:
-        problems.append(f"unexpected {len(unexpected)} key(s): {_listed(unexpected)}")
-    if misshaped:
-        shown = [f"{k} {tuple(found[k].shape)} != {tuple(expected[k])}" for k in misshaped[:LISTED_KEYS]]
-        problems.append(f"{len(misshaped)} shape mismatch(es): {', '.join(shown)}")
-    if problems:
-        raise CodaCheckpointError(f"CoDA checkpoint {str(directory)!r} does not fit its config: {'; '.join(problems)}")
-
-
-def _listed(names: list[str]) -> str:
-    more = f" and {len(names) - LISTED_KEYS} more" if len(names) > LISTED_KEYS else ""
-    return ", ".join(names[:LISTED_KEYS]) + more
-
-
 # --------------------------------------------------------------------------- loading
 
 def load_coda(path_or_hub_id: str | Path, dtype="bfloat16", device="cpu"):
@@ -266,26 +200,12 @@ def load_coda(path_or_hub_id: str | Path, dtype="bfloat16", device="cpu"):
     tensor strictly: a missing, unexpected or mis-shaped tensor is an error naming it. Run the
     model through `diffusion_logits` for CoDA's bidirectional attention and logit shift.
     """
-    import torch
     from transformers import Qwen3ForCausalLM
-    from transformers.models.qwen3.modeling_qwen3 import Qwen3RotaryEmbedding
 
-    dtype = _torch_dtype(dtype)
-    directory = resolve_checkpoint_directory(path_or_hub_id)
+    dtype = torch_dtype(dtype)
+    directory = resolve_checkpoint_directory(path_or_hub_id, "CoDA")
     config = coda_config_to_qwen3(read_coda_config(directory))
-    config.dtype = dtype
-    with torch.device("meta"):
-        model = Qwen3ForCausalLM(config)
-    expected = {name: tuple(tensor.shape) for name, tensor in model.state_dict().items()}
-    tensors = read_safetensors(directory)
-    _check_names_and_shapes(tensors, expected, directory)
-    model.load_state_dict({k: v.to(dtype) for k, v in tensors.items()}, strict=True, assign=True)
-    # the rotary table is a computed, unsaved buffer: build it for real (it is still on meta)
-    model.model.rotary_emb = Qwen3RotaryEmbedding(config=config)
-    leftovers = [name for name, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
-    if leftovers:
-        raise CodaCheckpointError(f"tensors left uninitialised after loading {str(directory)!r}: {_listed(leftovers)}")
-    return model.to(device).eval()
+    return load_into(Qwen3ForCausalLM, config, read_safetensors(directory), directory, "CoDA", dtype).to(device)
 
 
 def convert_coda_checkpoint(
@@ -302,10 +222,10 @@ def convert_coda_checkpoint(
     (`source_name`, default the path or hub id). A mask id given by the caller must agree with
     the checkpoint's.
     """
-    source = resolve_checkpoint_directory(path_or_hub_id)
+    source = resolve_checkpoint_directory(path_or_hub_id, "CoDA")
     mask_token_id = {**CODA_CONFIG_DEFAULTS, **read_coda_config(source)}["mask_token_id"]
     if expected_mask_token_id is not None and expected_mask_token_id != mask_token_id:
-        raise CodaCheckpointError(
+        raise NativeCheckpointError(
             f"mask_token_id {expected_mask_token_id} given for {str(path_or_hub_id)!r}, "
             f"but its config says {mask_token_id}"
         )
@@ -316,40 +236,12 @@ def convert_coda_checkpoint(
         "converted_from": CODA_MODEL_TYPE,
         "source": source_name or str(path_or_hub_id),
     }
-    model = load_coda(source, dtype, "cpu")
-    model.config.qrobust = marker
-    model.save_pretrained(directory)
-    load_coda_tokenizer(source).save_pretrained(directory)
-    return marker
+    return save_converted(load_coda(source, dtype, "cpu"), load_coda_tokenizer(source), directory, marker)
 
 
 def load_coda_tokenizer(directory: Path):
-    """The tokenizer of a CoDA checkpoint directory.
-
-    Loaded from a view of the directory without config.json: AutoTokenizer consults the model
-    config, whose auto_map points at CoDA's remote code, and would ask to run it.
-    """
-    import shutil
-    import tempfile
-
-    from transformers import AutoTokenizer
-
-    with tempfile.TemporaryDirectory() as view:
-        for file in Path(directory).iterdir():
-            if file.is_file() and file.name != "config.json" and file.suffix not in (".safetensors", ".py"):
-                shutil.copy(file, view)
-        return AutoTokenizer.from_pretrained(view)
-
-
-def _torch_dtype(dtype):
-    import torch
-
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    allowed = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-    if dtype not in allowed:
-        raise ValueError(f"unknown dtype {dtype!r}; allowed: {', '.join(allowed)}")
-    return allowed[dtype]
+    """The tokenizer of a CoDA checkpoint directory, without CoDA's remote code."""
+    return load_tokenizer_without_remote_code(directory)
 
 
 # --------------------------------------------------------------------------- tiny checkpoints
@@ -365,7 +257,6 @@ def write_tiny_coda_checkpoint(
     own weights, as in CoDA's model: a loader that tied would silently compute other logits.
     """
     import torch
-    from safetensors.torch import save_file
 
     from qrobust.tasks.models.tiny import build_tokenizer
 
@@ -395,38 +286,8 @@ def write_tiny_coda_checkpoint(
         "transformers_version": "4.47.1",
     }
     generator = torch.Generator().manual_seed(arch.init_seed if seed is None else seed)
-    tensors = {name: _random_weight(name, shape, generator) for name, shape in coda_parameter_shapes(config).items()}
-    _save_sharded(tensors, directory, shards, save_file)
+    tensors = {name: random_weight(name, shape, generator) for name, shape in coda_parameter_shapes(config).items()}
+    save_sharded(tensors, directory, shards)
     (directory / "config.json").write_text(json.dumps(config, indent=2))
     tokenizer.save_pretrained(directory)
     return directory
-
-
-def _random_weight(name: str, shape: tuple[int, ...], generator):
-    """Norm gains near 1, embeddings of unit scale, projections scaled by 1/sqrt(fan-in), so
-    every tensor visibly shapes the logits."""
-    import torch
-
-    values = torch.randn(shape, generator=generator)
-    if len(shape) == 1:
-        return 1.0 + 0.1 * values
-    if name.endswith("embed_tokens.weight"):
-        return values
-    return values / shape[1] ** 0.5
-
-
-def _save_sharded(tensors: dict, directory: Path, shards: int, save_file) -> None:
-    if shards == 1:
-        save_file(tensors, directory / "model.safetensors", metadata={"format": "pt"})
-        return
-    names = list(tensors)
-    weight_map = {}
-    for index in range(shards):
-        file = f"model-{index + 1:05d}-of-{shards:05d}.safetensors"
-        part = {name: tensors[name] for name in names[index::shards]}
-        save_file(part, directory / file, metadata={"format": "pt"})
-        weight_map.update({name: file for name in part})
-    total = sum(t.numel() * t.element_size() for t in tensors.values())
-    (directory / SAFETENSORS_INDEX).write_text(
-        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2)
-    )

@@ -2,8 +2,10 @@
 
 - a tiny model is built here from its config (fixed seed, local tokenizer), and trained when its
   spec says so (`tasks.models.training`: base checkpoint -> trained checkpoint, in one artifact);
-- a CoDA checkpoint (the hub's, or a tiny one written in CoDA's format) is converted once into a
-  standard Qwen3 checkpoint (`tasks.models.coda`), which every later stage and gptqmodel load;
+- a checkpoint in a diffusion model's own format (the hub's, or a tiny one written in that format)
+  is converted once into a standard transformers checkpoint: CoDA to Qwen3 (`tasks.models.coda`),
+  Dream to Qwen2 (`tasks.models.dream`), LLaDA to Llama (`tasks.models.llada`); every later stage
+  and gptqmodel load that;
 - any other hub model is named by its id (`hf_id`) and loaded from the hub where it runs.
 """
 
@@ -24,8 +26,8 @@ def prepare_model(context: StageContext, spec: ModelSpec) -> PreparedModel:
     )
     if spec.training is not None:
         _check_trainable(spec)
-    if spec.architecture == "coda":
-        return _converted_coda(context.directory, spec, fields)
+    if spec.architecture != "auto":
+        return _converted(context.directory, spec, fields)
     if spec.hf_id is not None:
         return PreparedModel(**fields, hf_id=spec.hf_id)
     from qrobust.tasks.models.tiny import save_tiny
@@ -63,21 +65,35 @@ def _save_trained_tiny(spec: ModelSpec, directory: Path) -> dict:
     return stats
 
 
-def _converted_coda(directory: Path, spec: ModelSpec, fields: dict) -> PreparedModel:
+def _native_format(architecture: str):
+    """(convert, write_tiny, format name) of a native checkpoint format."""
+    if architecture == "coda":
+        from qrobust.tasks.models.coda import convert_coda_checkpoint, write_tiny_coda_checkpoint
+
+        return convert_coda_checkpoint, write_tiny_coda_checkpoint, "CoDA"
+    if architecture == "dream":
+        from qrobust.tasks.models.dream import convert_dream_checkpoint, write_tiny_dream_checkpoint
+
+        return convert_dream_checkpoint, write_tiny_dream_checkpoint, "Dream"
+    from qrobust.tasks.models.llada import convert_llada_checkpoint, write_tiny_llada_checkpoint
+
+    return convert_llada_checkpoint, write_tiny_llada_checkpoint, "LLaDA"
+
+
+def _converted(directory: Path, spec: ModelSpec, fields: dict) -> PreparedModel:
     import tempfile
 
-    from qrobust.tasks.models.coda import convert_coda_checkpoint, write_tiny_coda_checkpoint
-
+    convert, write_tiny, format_name = _native_format(spec.architecture)
     with tempfile.TemporaryDirectory() as tiny:
-        source = spec.hf_id or write_tiny_coda_checkpoint(Path(tiny), spec.tiny)
-        name = spec.hf_id or f"tiny CoDA-format checkpoint, seed {spec.tiny.init_seed}"
-        marker = convert_coda_checkpoint(source, directory, spec.dtype, spec.mask_token_id, source_name=name)
+        source = spec.hf_id or write_tiny(Path(tiny), spec.tiny)
+        name = spec.hf_id or f"tiny {format_name}-format checkpoint, seed {spec.tiny.init_seed}"
+        marker = convert(source, directory, spec.dtype, spec.mask_token_id, source_name=name)
     fields = {**fields, "mask_token_id": marker["mask_token_id"]}
     return _with_local_weights(PreparedModel(**fields, conversion=marker), directory)
 
 
 def _with_local_weights(model: PreparedModel, directory: Path) -> PreparedModel:
-    """Its size on disk, and the mask token its tokenizer names when the spec gave none."""
+    """Its size on disk and in parameters, and the mask token its tokenizer names when the spec gave none."""
     import dataclasses
 
     from transformers import AutoTokenizer
@@ -85,7 +101,21 @@ def _with_local_weights(model: PreparedModel, directory: Path) -> PreparedModel:
     mask_token_id = model.mask_token_id
     if model.family == "diffusion" and mask_token_id is None:
         mask_token_id = AutoTokenizer.from_pretrained(directory).mask_token_id
-    return dataclasses.replace(model, model_bytes=directory_bytes(directory), mask_token_id=mask_token_id)
+    return dataclasses.replace(model, model_bytes=directory_bytes(directory), mask_token_id=mask_token_id,
+                               parameters=saved_parameters(directory))
+
+
+def saved_parameters(directory: Path) -> int:
+    """Values in a checkpoint's safetensors files (each tensor once), read from their headers."""
+    import math
+
+    from safetensors import safe_open
+
+    total = 0
+    for file in sorted(Path(directory).glob("*.safetensors")):
+        with safe_open(file, "pt") as opened:
+            total += sum(math.prod(opened.get_slice(name).get_shape()) for name in opened.keys())
+    return total
 
 
 STAGE = Stage("prepare-model", prepare_model, PreparedModel, libraries=("torch", "transformers", "tokenizers"),

@@ -548,11 +548,12 @@ def _front_members(group, x_column: str) -> set[int]:
 
 def claim_section(con) -> Section:
     title = "claim: does the diffusion model degrade less than its AR partner?"
+    matching = _pair_matching_markdown(con)
     if not _has_relations(con, "claim"):
-        return Section(title, STATS_MISSING)
+        return Section(title, matching + STATS_MISSING)
     df = con.execute("SELECT * FROM claim ORDER BY benchmark, diffusion_model, ar_model, method, bits, budget").df()
     if df.empty:
-        return Section(title, NONE)
+        return Section(title, matching + NONE)
     rule = (
         "D = diffusion delta - AR delta (positive: the diffusion model loses less pass@1). The verdict is "
         "*supported* when the whole 95% bootstrap interval of D lies above 0, *contradicted* when it lies below 0, "
@@ -562,7 +563,37 @@ def claim_section(con) -> Section:
     )
     counts = df["verdict"].fillna("not computed").value_counts()
     summary = "Verdicts: " + ", ".join(f"{verdict} {n}" for verdict, n in sorted(counts.items())) + ".\n\n"
-    return Section(title, rule + summary + markdown_table(_claim_table(df)))
+    return Section(title, matching + rule + summary + markdown_table(_claim_table(df)))
+
+
+def _pair_matching_markdown(con) -> str:
+    """What each declared pair holds equal, one line per pair and the facts table; a verdict
+    speaks to the objective only where everything else is the same."""
+    if not _has_relations(con, "pair_matching"):
+        return ""
+    df = con.execute("SELECT * FROM pair_matching ORDER BY diffusion_model, ar_model, attribute_order").df()
+    if df.empty:
+        return ""
+    import pandas as pd
+
+    lines = []
+    for (diffusion, ar), facts in df.groupby(["diffusion_model", "ar_model"], sort=False):
+        parts = []
+        for verdict, label in (("same", "same"), ("differs", "differ"), ("unknown", "unknown")):
+            attributes = facts.loc[facts["verdict"] == verdict, "attribute"].tolist()
+            if attributes:
+                parts.append(f"{label}: {', '.join(attributes)}")
+        evaluation = facts.loc[facts["attribute"] == "evaluation settings", "verdict"].tolist()
+        if evaluation and evaluation[0] not in ("same", "differs", "unknown"):
+            parts.append(f"evaluation settings: {evaluation[0]}")
+        lines.append(f"- **{diffusion}** against **{ar}**: {'; '.join(parts)}.")
+    table = pd.DataFrame({
+        "diffusion model": df["diffusion_model"], "AR model": df["ar_model"], "attribute": df["attribute"],
+        "diffusion": df["diffusion_value"], "AR": df["ar_value"], "verdict": df["verdict"],
+    })
+    intro = ("What each pair holds equal. A verdict below speaks to the training objective only as far as "
+             "the pair is matched; where an attribute differs, that difference is part of the comparison.\n\n")
+    return intro + "\n".join(lines) + "\n\n" + markdown_table(table) + "\n"
 
 
 def _claim_table(df):

@@ -87,6 +87,11 @@ ALTER TABLE results ADD COLUMN IF NOT EXISTS harness VARCHAR;
 CREATE TABLE IF NOT EXISTS published_scores (
     model VARCHAR, benchmark VARCHAR, pass_at_1 DOUBLE, source VARCHAR, PRIMARY KEY (model, benchmark)
 );
+-- what each declared pair holds equal (tasks/pairs.py): one row per pair and attribute
+CREATE TABLE IF NOT EXISTS pair_matching (
+    diffusion_model VARCHAR, ar_model VARCHAR, attribute VARCHAR, diffusion_value VARCHAR, ar_value VARCHAR,
+    verdict VARCHAR, attribute_order INTEGER, PRIMARY KEY (diffusion_model, ar_model, attribute)
+);
 """
 
 
@@ -206,6 +211,16 @@ def write_published_scores(con, scores) -> None:
     con.execute("COMMIT")
 
 
+def write_pair_matching(con, facts) -> None:
+    """Replace the pair-matching facts (`tasks.pairs.PairFact`s) with those of the latest run."""
+    import dataclasses
+
+    con.execute("BEGIN TRANSACTION")
+    con.execute("DELETE FROM pair_matching")
+    _insert(con, "pair_matching", [dataclasses.asdict(fact) for fact in facts])
+    con.execute("COMMIT")
+
+
 def write_cell(con, cell, run_record: dict, samples: list, result) -> None:
     """Replace everything stored for one cell, atomically.
 
@@ -310,12 +325,12 @@ def content_digest(con) -> str:
     import hashlib
 
     digest = hashlib.sha256()
-    present = {row[0] for row in con.execute("SELECT table_name FROM information_schema.tables").fetchall()}
+    present = {name for (name,) in con.execute("SELECT table_name FROM information_schema.tables").fetchall()}
     for table, exclude in (("runs", "EXCLUDE (finished_at)"), ("samples", ""), ("results", ""), ("pairs", ""),
-                           ("layer_sensitivity", ""), ("layer_bits", ""), ("published_scores", "")):
-        if table not in present:  # a store written before the table existed
-            continue
-        rows = con.execute(f"SELECT * {exclude} FROM {table} ORDER BY ALL").fetchall()
+                           ("pair_matching", ""), ("layer_sensitivity", ""), ("layer_bits", ""),
+                           ("published_scores", "")):
+        # a store written before a table existed is read as it is
+        rows = con.execute(f"SELECT * {exclude} FROM {table} ORDER BY ALL").fetchall() if table in present else []
         digest.update(f"{table}:{rows!r}".encode())
     return digest.hexdigest()[:20]
 

@@ -89,7 +89,7 @@ def test_the_same_model_twice_is_refused():
 @pytest.mark.parametrize(
     "entry, fragment",
     [
-        ('architecture = "dream"', "unknown architecture 'dream'; allowed: auto, coda"),
+        ('architecture = "mamba"', "unknown architecture 'mamba'; allowed: auto, coda, dream, llada"),
         ('architecture = "coda"', "architecture 'coda', which needs family 'diffusion', not 'ar'"),
         ('prompt_style = "fancy"', "unknown prompt style 'fancy'; allowed: completion, chat, coda-instruct"),
     ],
@@ -234,3 +234,85 @@ def test_paper_tiny_grid_keeps_the_presets_on_tiny_stand_ins():
     coda = tiny.generation_for(diffusion)
     assert (coda.temperature, coda.top_p, coda.alg, coda.steps) == (0.1, 0.9, "entropy", coda.max_new_tokens)
     assert tiny.generation_for(ar).temperature == 0.0
+
+
+# --------------------------------------------------------------------------- the backbone-matched pairs
+
+PAIRS = [("dream-7b", "qwen2.5-7b"), ("dream-coder-7b", "qwen2.5-coder-7b"), ("diffucoder-7b", "qwen2.5-coder-7b"),
+         ("llada-8b", "llama3-8b")]
+
+
+def _generation(grid, model: str, benchmark: str):
+    return next(c.generation for c in grid.cells() if c.model.name == model and c.benchmark.name == benchmark)
+
+
+def test_pairs_grid_declares_every_diffusion_coder_beside_its_twin():
+    grid = load_grid("pairs")
+    assert [(p.diffusion, p.ar) for p in grid.pairs] == PAIRS
+    assert {m.name: m.architecture for m in grid.models if m.family == "diffusion"} == {
+        "dream-7b": "dream", "dream-coder-7b": "dream", "diffucoder-7b": "dream", "llada-8b": "llada"}
+    assert {m.prompt_style for m in grid.models} == {"coda-instruct"}
+
+
+def test_a_preset_model_runs_with_its_authors_settings_per_benchmark():
+    grid = load_grid("pairs")
+    humaneval, mbpp = _generation(grid, "dream-7b", "humaneval"), _generation(grid, "dream-7b", "mbpp")
+    assert (humaneval.max_new_tokens, humaneval.steps, mbpp.max_new_tokens, mbpp.steps) == (768, 768, 1024, 1024)
+    assert (humaneval.temperature, humaneval.top_p, humaneval.alg) == (0.1, 0.9, "entropy")
+    llada_humaneval, llada_mbpp = _generation(grid, "llada-8b", "humaneval"), _generation(grid, "llada-8b", "mbpp")
+    assert (llada_humaneval.block_length, llada_humaneval.suppressed_tokens) == (512, ("<|endoftext|>",))
+    assert (llada_mbpp.block_length, llada_mbpp.confidence_excluded_tokens) == (256, ("<|endoftext|>", "<|eot_id|>"))
+    assert (llada_mbpp.temperature, llada_mbpp.alg) == (0.0, "maskgit_plus")
+
+
+def test_every_preset_names_where_its_settings_come_from():
+    from qrobust.tasks.presets import BUILTIN_MODELS, MODEL_CARDS
+
+    real = {name for name, spec in BUILTIN_MODELS.items() if spec.hf_id is not None}
+    assert set(MODEL_CARDS) == real
+    assert all(card.evaluation_source for card in MODEL_CARDS.values())
+
+
+def test_an_ar_twin_takes_its_partners_answer_length_from_the_grid_and_decodes_greedily():
+    grid = load_grid("pairs")
+    for benchmark, length in (("humaneval", 768), ("mbpp", 1024)):
+        twin = _generation(grid, "qwen2.5-7b", benchmark)
+        assert (twin.max_new_tokens, twin.temperature) == (length, 0.0)
+
+
+def test_a_grids_model_table_overrides_the_preset_and_its_benchmark_table_overrides_both():
+    text = ('[[models]]\nname = "dream-7b"\n[models.generation]\nmax_new_tokens = 64\n'
+            '[models.generation.mbpp]\nsteps = 8\n[[methods]]\nname = "fp"\n'
+            '[[benchmarks]]\nname = "humaneval"\n[[benchmarks]]\nname = "mbpp"\npath = "' + MBPP_SAMPLE + '"\n')
+    grid = parse_grid(text)
+    humaneval, mbpp = _generation(grid, "dream-7b", "humaneval"), _generation(grid, "dream-7b", "mbpp")
+    assert (humaneval.max_new_tokens, humaneval.steps, humaneval.temperature) == (64, 768, 0.1)
+    assert (mbpp.max_new_tokens, mbpp.steps) == (64, 8)
+
+
+def test_a_generation_table_for_an_unknown_benchmark_is_refused():
+    with pytest.raises(ConfigError, match="unknown benchmark table 'apps' in model 'tiny-ar' generation; allowed: humaneval, mbpp"):
+        _grid('[models.generation.apps]\nsteps = 3')
+
+
+def test_a_bad_token_list_is_refused_naming_the_value():
+    with pytest.raises(ConfigError, match="generation suppressed_tokens must be a list of token texts, got \\(3,\\)"):
+        _grid('[models.generation]\nsuppressed_tokens = [3]')
+
+
+def test_pairs_tiny_grid_keeps_the_new_presets_on_tiny_stand_ins():
+    tiny = load_grid("pairs-tiny")
+    assert {m.name: m.architecture for m in tiny.models} == {"tiny-dream": "dream", "tiny-llada": "llada", "tiny-twin": "auto"}
+    llada = {b: _generation(tiny, "tiny-llada", b) for b in ("humaneval", "mbpp")}
+    assert llada["humaneval"].suppressed_tokens == ("<|endoftext|>",) and not llada["humaneval"].confidence_excluded_tokens
+    assert llada["mbpp"].confidence_excluded_tokens == ("<|endoftext|>", "<|eot_id|>")
+
+
+def test_dry_run_settings_show_lladas_eos_settings_per_benchmark():
+    from qrobust.flows.cli import generation_settings
+
+    grid = load_grid("pairs")
+    cells = {c.benchmark.name: c for c in grid.cells() if c.model.name == "llada-8b" and c.method.name == "fp"}
+    assert "suppressed_tokens=<|endoftext|>" in generation_settings(cells["humaneval"]).split()
+    assert "confidence_excluded_tokens=<|endoftext|>,<|eot_id|>" in generation_settings(cells["mbpp"]).split()
+    assert "block_length=256" in generation_settings(cells["mbpp"]).split()

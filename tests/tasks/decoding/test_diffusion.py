@@ -676,3 +676,45 @@ def test_published_origin_commits_each_masked_position_with_probability_one_minu
     assert abs(committed_first / 400 - (1 - s_over_t)) < 0.08
     answer, _ = published(lambda b, p: preferring(4), settings, torch.tensor([[1, 2]]))
     assert (answer == 4).all()  # the last step commits every position left
+
+
+# --- LLaDA's eos settings ----------------------------------------------------------------
+
+def test_a_suppressed_token_is_never_drawn_even_where_the_model_prefers_it():
+    settings = DiffusionSamplerSettings(4, 4, alg="maskgit_plus", block_length=4, suppressed_token_ids=(0,))
+    answer = generate(fixed_answer_logits(CRAFTED), settings)
+    assert answer[0].tolist() == [1, 1, 1, 1]  # every position's second choice; 0 leads in all four
+
+
+# top tokens: P0 token 1 (.50, with .45 on token 0), P1 token 0 (.95), P2 token 2 (.80), P3 token 3 (.70)
+EXCLUDED_ZERO = logits_from_probs([[0.45, 0.5, 0.05], [0.95, 0.05], [0.0, 0.1, 0.8, 0.1], [0.0, 0.1, 0.2, 0.7]])
+
+
+def test_a_token_left_out_of_the_confidence_is_still_drawn_but_committed_last():
+    plain = DiffusionSamplerSettings(4, 4, alg="maskgit_plus", block_length=4)
+    excluded = DiffusionSamplerSettings(4, 4, alg="maskgit_plus", block_length=4, confidence_excluded_token_ids=(0,))
+    orders = {}
+    for name, settings in (("plain", plain), ("excluded", excluded)):
+        logits_fn, seen = recording(fixed_answer_logits(EXCLUDED_ZERO))
+        answer = generate(logits_fn, settings)
+        assert answer[0].tolist() == [1, 0, 2, 3]
+        orders[name] = observed_commit_steps(seen, answer, 4)[0][0].tolist()
+    assert orders["plain"] == [3, 0, 1, 2]  # by the drawn token's probability: P1 .95, P2 .80, P3 .70, P0 .50
+    # without token 0, P0's distribution renormalises to .50/.55 and leads; P1 has confidence 0
+    assert orders["excluded"] == [0, 3, 1, 2]
+
+
+@pytest.mark.parametrize("name", ["suppressed_token_ids", "confidence_excluded_token_ids"])
+def test_token_ids_that_are_not_ids_are_refused(name):
+    with pytest.raises(ValueError, match=f"{name} must be a tuple of token ids >= 0, got \\(-1,\\)"):
+        DiffusionSamplerSettings(4, 4, **{name: (-1,)})
+
+
+def test_a_token_name_the_tokenizer_lacks_is_refused_in_one_line():
+    from qrobust.tasks.decoding.diffusion import token_ids
+    from qrobust.tasks.models.tiny import build_tokenizer
+
+    tokenizer = build_tokenizer(1024)
+    assert token_ids(("<|mask|>", "<|im_end|>"), tokenizer, "suppressed_tokens") == (2, 1)
+    with pytest.raises(ValueError, match="generation suppressed_tokens names '<\\|eot_id\\|>', which is not a token"):
+        token_ids(("<|eot_id|>",), tokenizer, "suppressed_tokens")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import dataclasses
 import json
 import re
 import shutil
@@ -486,3 +487,23 @@ class DevTools:
             elif method == "Log.entryAdded" and params["entry"].get("level") == "error":
                 found.append(params["entry"].get("text", ""))
         return found
+
+
+def test_claim_section_shows_what_each_pair_holds_equal_above_its_verdicts(tmp_path):
+    from qrobust.tasks.grid_file import load_grid
+    from qrobust.tasks.pairs import pair_facts
+    from qrobust.tasks.storage.store import write_pair_matching
+
+    path = build_store(tmp_path / "results.duckdb")
+    facts = [dataclasses.replace(f, diffusion_model="coda-demo", ar_model="qwen-demo")
+             for f in pair_facts(load_grid("pairs")) if f.diffusion_model == "llada-8b"]
+    with connect(path) as con:
+        write_pair_matching(con, facts)
+    with connect(path, read_only=True) as con:
+        claim = report.claim_section(con).markdown
+    pair_line = "- **coda-demo** against **qwen-demo**: same: prompt format, max new tokens; " \
+                "differ: backbone, parameters, tokenizer; evaluation settings: each as published."
+    assert pair_line in claim
+    (backbone,) = markdown_rows(claim, "coda-demo", "qwen-demo", "backbone")
+    assert backbone[3:] == ["trained from scratch", "Llama-3-8B", "differs"]
+    assert claim.index(pair_line) < claim.index("| diffusion model | AR model | benchmark |")

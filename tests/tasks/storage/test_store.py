@@ -64,3 +64,31 @@ def test_a_grids_published_scores_replace_only_its_own_models_rows(tmp_path):
         write_published_scores(con, [PublishedScore("a", "humaneval", 0.5, "z")])
         rows = con.execute("SELECT model, benchmark, pass_at_1, source FROM published_scores ORDER BY ALL").fetchall()
     assert rows == [("a", "humaneval", 0.5, "z"), ("b", "mbpp", 0.3, "y")]
+
+
+def test_pair_facts_of_a_run_replace_those_of_the_one_before(tmp_path):
+    from qrobust.tasks.grid_file import load_grid
+    from qrobust.tasks.pairs import pair_facts
+    from qrobust.tasks.storage.store import write_pair_matching
+
+    facts = pair_facts(load_grid("pairs"))
+    with connect(tmp_path / "s.duckdb") as con:
+        write_pair_matching(con, facts)
+        write_pair_matching(con, [f for f in facts if f.diffusion_model == "llada-8b"])
+        rows = con.execute("SELECT diffusion_model, attribute, verdict FROM pair_matching ORDER BY attribute_order").fetchall()
+    assert [row[0] for row in rows] == ["llada-8b"] * 6
+    assert rows[0][1:] == ("backbone", "differs")
+
+
+def test_a_store_written_before_the_pair_facts_existed_still_has_a_digest(tmp_path):
+    import duckdb
+
+    from qrobust.tasks.storage.store import SCHEMA, content_digest
+
+    path = tmp_path / "old.duckdb"
+    con = duckdb.connect(str(path))
+    con.execute(SCHEMA)
+    con.execute("DROP TABLE pair_matching")
+    con.close()
+    with connect(path, read_only=True) as old:
+        assert len(content_digest(old)) == 20
