@@ -22,7 +22,7 @@ from qrobust.tasks.benchmarks import (
     render_generation_prefix,
     render_prompt,
 )
-from qrobust.tasks.config import GenerationSpec
+from qrobust.tasks.config import DEFAULT_HARNESS, GenerationSpec
 from qrobust.tasks.decoding import decoder, decoder_module
 from qrobust.tasks.runtime.provenance import environment
 from qrobust.tasks.runtime.stage import Stage, StageContext
@@ -72,7 +72,8 @@ def generate_shard(context: StageContext, shard: ProblemShard, prompt_style: str
     problems = shard.problems()
     prompts = prompts_for(problems, fmt, tokenizer)
     batch_size = g.batch_size if g.batch_size != "auto" else decoding.auto_batch_size(model, device)
-    batches = length_sorted_batches(prompts, tokenizer, batch_size)
+    batches = (length_sorted_batches(prompts, tokenizer, batch_size) if g.harness == DEFAULT_HARNESS
+               else in_order_batches(len(prompts), batch_size))  # the published harness batches in its order
     began = time.perf_counter()
     decoding.answers(model, tokenizer, [prompts[i] for i in batches[0]], decoding.warm_up_settings(g), checkpoint,
                      g.seed, fmt.stop_strings)
@@ -92,7 +93,7 @@ def generate_shard(context: StageContext, shard: ProblemShard, prompt_style: str
                         "task_id": problems[index].task_id,
                         "sample_idx": sample_idx,
                         "answer": answer,
-                        "completion": postprocess(answer, fmt, problem),
+                        "completion": postprocess(answer, fmt, problems[index]),
                         "gen_tokens": count,
                         "gen_seconds": per_sample,
                     }
@@ -140,6 +141,10 @@ class TokenCounter:
     def __exit__(self, *exc) -> bool:
         self._hook.remove()
         return False
+
+
+def in_order_batches(count: int, batch_size: int) -> list[list[int]]:
+    return [list(range(i, min(i + batch_size, count))) for i in range(0, count, batch_size)]
 
 
 def length_sorted_batches(prompts: list[str], tokenizer, batch_size: int) -> list[list[int]]:
