@@ -217,3 +217,15 @@ def test_stages_that_load_no_model_hold_no_gpu(ray_run):
     cpu_only = _placements(workspace, "stage IN ('execute', 'prepare-model', 'calibration')")
     assert len(cpu_only) == 8 + 2 + 2
     assert all("GPU" not in p["resources"] and p["gpu_ids"] == [] for p in cpu_only)
+
+
+@pytest.mark.slow
+def test_the_timeline_shows_each_gpu_busy_for_part_of_the_run(ray_run):
+    from qrobust.tools.ray_timeline import busy_fractions, stage_spans
+
+    workspace, _, _ = ray_run
+    spans = stage_spans(workspace.store_path)
+    lanes = {gpu for span in spans for gpu in span["gpus"]}
+    assert {"0", "1", "cpu"} <= lanes
+    fractions = busy_fractions(spans)
+    assert all(0 < fractions[gpu] <= 1 for gpu in ("0", "1"))
