@@ -114,3 +114,23 @@ class GroupwiseMethod(Method):
 def check_bits(method: str, bits: Any) -> None:
     if bits not in GPTQ_BITS or isinstance(bits, bool):
         raise ConfigError(f"bits {bits!r} not allowed for {method}; allowed: {', '.join(map(str, GPTQ_BITS))}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class UniformBitsMethod(GroupwiseMethod):
+    """Every quantized layer at the same width: a grid lists the widths, one method each."""
+
+    list_setting = ("bits", "bits")
+    bits: int
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_bits(self.name, self.bits)
+
+    @classmethod
+    def missing_list_message(cls) -> str:
+        return f"method {cls.name} needs bits = [...]; allowed: {', '.join(map(str, GPTQ_BITS))}"
+
+    @property
+    def label(self) -> str:
+        return f"{self.name}-w{self.bits}g{self.group_size}"

@@ -4,28 +4,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from qrobust.tasks.methods.base import GPTQ_BITS, GroupwiseMethod, check_bits
+from qrobust.tasks.methods.base import UniformBitsMethod
 
 
 @dataclass(frozen=True, kw_only=True)
-class RTN(GroupwiseMethod):
+class RTN(UniformBitsMethod):
     name = "rtn"
     plot_style = ("s", ":")
     report_name = "RTN"
-    list_setting = ("bits", "bits")
-    bits: int
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        check_bits(self.name, self.bits)
-
-    @classmethod
-    def missing_list_message(cls) -> str:
-        return f"method {cls.name} needs bits = [...]; allowed: {', '.join(map(str, GPTQ_BITS))}"
-
-    @property
-    def label(self) -> str:
-        return f"rtn-w{self.bits}g{self.group_size}"
 
     def quantize_config(self, allocation=None):
         from gptqmodel.quantization.config import RTNConfig
