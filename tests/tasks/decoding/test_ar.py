@@ -21,9 +21,14 @@ def model_and_tokenizer():
 
 
 @pytest.fixture(scope="module")
-def prompts():
+def problems():
+    return load_problems(BenchmarkSpec("humaneval", limit=6))
+
+
+@pytest.fixture(scope="module")
+def prompts(problems):
     fmt = benchmark_format("humaneval", "completion")
-    return [render_prompt(p, fmt) for p in load_problems(BenchmarkSpec("humaneval", limit=6))]
+    return [render_prompt(p, fmt) for p in problems]
 
 
 def _reference(model, tokenizer, prompts, max_new_tokens):
@@ -49,14 +54,14 @@ def test_greedy_answers_in_a_padded_batch_equal_transformers_generate(model_and_
     assert len({len(tokenizer(p)["input_ids"]) for p in prompts}) > 1  # the batch really is padded
 
 
-def test_a_row_stops_right_after_the_token_that_completes_a_stop_string(model_and_tokenizer, prompts):
+def test_a_row_stops_right_after_the_token_that_completes_a_stop_string(model_and_tokenizer, prompts, problems):
     model, tokenizer = model_and_tokenizer
     fmt = benchmark_format("humaneval", "completion")
     free, _ = ar.answers(model, tokenizer, prompts, GenerationSpec(max_new_tokens=48), None, 0, ())
     stopped, counts = ar.answers(model, tokenizer, prompts, GenerationSpec(max_new_tokens=48), None, 0,
                                  fmt.stop_strings)
-    for whole, cut, count in zip(free, stopped, counts):
-        assert whole.startswith(cut) and postprocess(cut, fmt) == postprocess(whole, fmt)
+    for whole, cut, problem in zip(free, stopped, problems):
+        assert whole.startswith(cut) and postprocess(cut, fmt, problem) == postprocess(whole, fmt, problem)
         if any(stop in cut for stop in fmt.stop_strings):
             shorter = tokenizer.decode(tokenizer(cut, add_special_tokens=False)["input_ids"][:-1])
             assert not any(stop in shorter for stop in fmt.stop_strings)
