@@ -143,6 +143,7 @@ def cmd_run(args) -> int:
     _check_sandbox(grid)
     workspace = Workspace.at(args.workspace)
     summary = run_grid(grid, workspace, runner, recompute=recompute, report=not args.no_report, insecure=args.insecure)
+    _quiet_shutdown()
     console.print(
         f"grid {grid.name!r}: {summary['done']} cells done, {summary['failed']} failed "
         f"in {summary['seconds']:.1f}s; store: {workspace.store_path}"
@@ -151,6 +152,15 @@ def cmd_run(args) -> int:
     if summary["report"]:
         print(f"report: {summary['report']['html']}")
     return 1 if summary["failed"] else 0
+
+
+def _quiet_shutdown() -> None:
+    """Prefect stops its temporary server and flushes its log requests as the process exits; the
+    run's output has ended by then."""
+    import logging
+
+    for name in ("prefect", "httpx"):
+        logging.getLogger(name).setLevel(logging.WARNING)
 
 
 def _check_kernels(grid) -> None:
