@@ -42,15 +42,12 @@ def bench_grid(grid, workspace, select: str | None = None, problems: int = 8, ba
 
 
 def _chosen_cells(grid, select: str | None):
-    cells = grid.cells()
+    from qrobust.flows.grid import selected_cells
+
     if select:
-        chosen = [c for c in cells if select in c.label]
-        if not chosen:
-            raise ValueError(f"no cell of grid {grid.name!r} matches {select!r}; its cells: "
-                             + ", ".join(c.label for c in cells[:8]) + (" ..." if len(cells) > 8 else ""))
-        return chosen
+        return selected_cells(grid, (select,))
     seen, chosen = set(), []
-    for cell in cells:
+    for cell in grid.cells():
         if (cell.model.name, cell.method.label) not in seen:
             seen.add((cell.model.name, cell.method.label))
             chosen.append(cell)

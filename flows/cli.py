@@ -19,6 +19,12 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"qrobust {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
 
+    def with_models_from(p):
+        p.add_argument("--models-from", default=None, metavar="DIR",
+                       help="load each hub model of the grid from DIR/<model name> when that folder exists "
+                            "(offline nodes, local or random-weight checkpoints)")
+        return p
+
     def with_workspace(p):
         p.add_argument("--workspace", default=None, help="workspace directory (default: ./qrobust-workspace)")
         return p
@@ -31,9 +37,10 @@ def _parser() -> argparse.ArgumentParser:
                      help="threads: this process (default); ray: a Ray cluster, GPU stages one per GPU")
     run.add_argument("--address", default=None,
                      help="the Ray cluster to join (host:port, ray://host:10001 or auto; default: start a local one)")
-    run.add_argument("--models-from", default=None, metavar="DIR",
-                     help="load each hub model of the grid from DIR/<model name> when that folder exists "
-                          "(offline nodes, local or random-weight checkpoints)")
+    with_models_from(run)
+    run.add_argument("--cells", action="append", default=[], metavar="TEXT",
+                     help="run only the cells whose label (model/method/benchmark, as --dry-run lists them) "
+                          "contains TEXT; may be repeated")
     run.add_argument("--insecure", action="store_true",
                      help="go on with a Ray cluster across hosts that demands no token, or a Prefect API off loopback "
                           "without credentials; the store records what was let through (docs/security.md)")
@@ -55,8 +62,8 @@ def _parser() -> argparse.ArgumentParser:
     export = with_workspace(sub.add_parser("export", help="write every table of the store to Parquet"))
     export.add_argument("--out", default=None, help="directory (default: WORKSPACE/export)")
 
-    bench = with_workspace(sub.add_parser(
-        "bench", help="measure the generation stage on this machine against its floor, for some cells of a grid"))
+    bench = with_models_from(with_workspace(sub.add_parser(
+        "bench", help="measure the generation stage on this machine against its floor, for some cells of a grid")))
     bench.add_argument("grid", help="a grid TOML file or a bundled grid name")
     bench.add_argument("--cell", default=None, help="bench the cells whose label contains this text "
                                                     "(default: the first cell of each model and method)")
@@ -123,26 +130,25 @@ def cmd_run(args) -> int:
     from qrobust.tasks.grid_file import load_grid
     from qrobust.tasks.runtime.workspace import Workspace
 
-    grid = load_grid(args.grid)
     console = Console(stderr=True)
-    if args.models_from:
-        from qrobust.tasks.grid_file import with_local_models
+    grid = _load_grid(args, console)
+    from qrobust.flows.grid import downstream_of, run_grid, selected_cells
 
-        grid, moved = with_local_models(grid, args.models_from)
-        console.print(f"loading {', '.join(moved)} from {args.models_from}")
+    only = tuple(args.cells)
+    cells = selected_cells(grid, only)
     if args.runner == "threads":
-        _check_kernels(grid)
+        _check_kernels(cells)
     if args.dry_run:
-        _print_cells(grid, Console(stderr=True, width=max(console.width, 200)))
+        _print_cells(grid, Console(stderr=True, width=max(console.width, 200)), cells)
         return 0
-    from qrobust.flows.grid import downstream_of, run_grid
     from qrobust.flows.runners import RunnerSpec
 
     runner = RunnerSpec(args.runner, args.address)
     recompute = downstream_of(set(args.recompute))
     _check_sandbox(grid)
     workspace = Workspace.at(args.workspace)
-    summary = run_grid(grid, workspace, runner, recompute=recompute, report=not args.no_report, insecure=args.insecure)
+    summary = run_grid(grid, workspace, runner, recompute=recompute, report=not args.no_report, insecure=args.insecure,
+                       only=only)
     _quiet_shutdown()
     console.print(
         f"grid {grid.name!r}: {summary['done']} cells done, {summary['failed']} failed "
@@ -154,6 +160,22 @@ def cmd_run(args) -> int:
     return 1 if summary["failed"] else 0
 
 
+def _text(value) -> str:
+    """A store value as table text; SQL NULLs (None, or NaN once in pandas) as nothing."""
+    return "" if value is None or value != value else str(value)
+
+
+def _load_grid(args, console):
+    """The grid named on the command line, its hub models moved to `--models-from` folders."""
+    from qrobust.tasks.grid_file import load_grid, with_local_models
+
+    grid = load_grid(args.grid)
+    if args.models_from:
+        grid, moved = with_local_models(grid, args.models_from)
+        console.print(f"loading {', '.join(moved)} from {args.models_from}")
+    return grid
+
+
 def _quiet_shutdown() -> None:
     """Prefect stops its temporary server and flushes its log requests as the process exits; the
     run's output has ended by then."""
@@ -163,7 +185,7 @@ def _quiet_shutdown() -> None:
         logging.getLogger(name).setLevel(logging.WARNING)
 
 
-def _check_kernels(grid) -> None:
+def _check_kernels(cells) -> None:
     """Fail before any model work if a quantized cell's kernel cannot run on this machine."""
     import os
     from pathlib import Path
@@ -173,7 +195,7 @@ def _check_kernels(grid) -> None:
     from qrobust.tasks.models.kernels import resolve_kernel_for_widths
     from qrobust.tasks.runtime.environment import default_device, library_output_to
 
-    cells = [c for c in grid.cells() if c.method.quantizes and c.generation.weights == "kernel"]
+    cells = [c for c in cells if c.method.quantizes and c.generation.weights == "kernel"]
     if not cells:
         return
     device = default_device()
@@ -198,13 +220,14 @@ def _check_sandbox(grid) -> None:
         raise ValueError(str(exc)) from None
 
 
-def _print_cells(grid, console) -> None:
+def _print_cells(grid, console, cells) -> None:
     from rich.table import Table
 
-    table = Table(title=f"grid {grid.name}: {len(grid.cells())} cells")
+    chosen = f"{len(cells)} of {len(grid.cells())} cells" if len(cells) < len(grid.cells()) else f"{len(cells)} cells"
+    table = Table(title=f"grid {grid.name}: {chosen}")
     for column in ("cell", "model", "family", "method", "benchmark", "problems", "prompt", "settings"):
         table.add_column(column)
-    for cell in grid.cells():
+    for cell in cells:
         b = cell.benchmark
         problems = str(len(b.task_ids) if b.task_ids else b.limit or "all")
         table.add_row(cell.cell_id, cell.model.name, cell.model.family, cell.method.label, b.name, problems,
@@ -276,8 +299,8 @@ def cmd_status(args) -> int:
     for row in runs.itertuples(index=False):
         pass_at_1 = "" if row.pass_at_1 != row.pass_at_1 or row.pass_at_1 is None else f"{row.pass_at_1:.3f}"
         cache = [freshness.get(row.cell_id, "")] if freshness is not None else []
-        table.add_row(row.cell_id[:8], row.model, row.method, row.size, row.benchmark, row.status,
-                      row.shards or "", pass_at_1, row.environment_id or "", *cache, (row.error or "")[:120])
+        table.add_row(row.cell_id[:8], row.model, row.method, _text(row.size), row.benchmark, row.status,
+                      _text(row.shards), pass_at_1, _text(row.environment_id), *cache, _text(row.error)[:120])
     if plans is not None:
         done = set(runs["cell_id"])
         for plan in plans:
@@ -413,9 +436,9 @@ def cmd_bench(args) -> int:
         if not batch_size.isdigit() or int(batch_size) < 1:
             raise ValueError(f"--batch-size {batch_size!r} must be a positive integer or auto")
         batch_size = int(batch_size)
-    grid = load_grid(args.grid)
-    workspace = Workspace.at(args.workspace)
     console = Console(stderr=True)
+    grid = _load_grid(args, console)
+    workspace = Workspace.at(args.workspace)
     rows = bench_grid(grid, workspace, args.cell, args.problems, batch_size, console)
     Store(workspace.store_path).write(write_bench_rows, rows)
     table = Table(title=f"generation speed on {rows[0].device} ({len(rows)} cells, appended to the bench table)")

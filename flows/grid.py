@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from qrobust.flows.runners import RunnerSpec, Submitter, prefect_logs_to, ray_session
-from qrobust.tasks.config import Cell, GridConfig
+from qrobust.tasks.config import Cell, ConfigError, GridConfig
 from qrobust.tasks.runtime.stage import ArtifactRef, Stage
 from qrobust.tasks.runtime.workspace import Workspace
 
@@ -94,8 +94,23 @@ class CellPlan:
     error: str | None = None  # the cell could not be planned (its problems did not load)
 
 
-def plan_grid(grid: GridConfig) -> list[CellPlan]:
-    """Every cell's stage calls; calls with the same stage and key are one call."""
+def selected_cells(grid: GridConfig, only: tuple[str, ...] = ()) -> list:
+    """The grid's cells whose label (model/method/benchmark) is, or else contains, one of `only`;
+    all if `only` is empty."""
+    cells = grid.cells()
+    if not only:
+        return cells
+    exact = {c.label for c in cells} & set(only)
+    chosen = [c for c in cells if c.label in exact or any(t in c.label for t in only if t not in exact)]
+    if not chosen:
+        raise ConfigError(f"no cell of grid {grid.name!r} matches {', '.join(map(repr, only))}; its cells look like "
+                          + ", ".join(c.label for c in cells[:4]) + (" ..." if len(cells) > 4 else ""))
+    return chosen
+
+
+def plan_grid(grid: GridConfig, only: tuple[str, ...] = ()) -> list[CellPlan]:
+    """The stage calls of every cell (of those `only` selects); calls with the same stage and key
+    are one call."""
     from qrobust.tasks.benchmarks import problem_shards
 
     known: dict[tuple[str, str], StageCall] = {}
@@ -106,7 +121,7 @@ def plan_grid(grid: GridConfig) -> list[CellPlan]:
         return known.setdefault((stage, new.key), new)
 
     plans = []
-    for cell in grid.cells():
+    for cell in selected_cells(grid, only):
         model, method = cell.model, cell.method
         plan = CellPlan(cell)
         prepared = call("prepare-model", (model,), model.name)
@@ -145,8 +160,10 @@ def plan_grid(grid: GridConfig) -> list[CellPlan]:
 # --------------------------------------------------------------------------- running it
 
 def run_grid(grid: GridConfig, workspace: Workspace, runner: RunnerSpec = RunnerSpec(),
-             recompute: frozenset[str] = frozenset(), report: bool = True, insecure: bool = False) -> dict:
-    """Run (or resume) a grid; returns a summary {done, failed, seconds, report}.
+             recompute: frozenset[str] = frozenset(), report: bool = True, insecure: bool = False,
+             only: tuple[str, ...] = ()) -> dict:
+    """Run (or resume) a grid, or the cells of it that `only` selects (`selected_cells`); returns a
+    summary {done, failed, seconds, report}.
 
     The Ray cluster and the Prefect API the run uses must keep others out (`flows.security`);
     `insecure` lets it go on where they do not, and the run records what it let through.
@@ -160,10 +177,10 @@ def run_grid(grid: GridConfig, workspace: Workspace, runner: RunnerSpec = Runner
     with prefect_settings(), prefect_logs_to(workspace.logs / "prefect.log"):
         waived = tuple(check_prefect_api(insecure))
         if runner.name == "threads":
-            return flow(grid, workspace, runner, recompute, report, waived)
+            return flow(grid, workspace, runner, recompute, report, waived, only)
         with ray_session(runner, grid.scale, _gpu_stages(grid), insecure) as session, \
                 temporary_settings({PREFECT_API_URL: session.api_url}):
-            return flow(grid, workspace, runner, recompute, report, waived + session.waived)
+            return flow(grid, workspace, runner, recompute, report, waived + session.waived, only)
 
 
 def _gpu_stages(grid: GridConfig) -> set[str]:
@@ -184,13 +201,14 @@ def _flow(fn):
 
 @_flow
 def grid_flow(grid: GridConfig, workspace: Workspace, runner: RunnerSpec = RunnerSpec(),
-              recompute: frozenset[str] = frozenset(), report: bool = True, waived: tuple[str, ...] = ()) -> dict:
+              recompute: frozenset[str] = frozenset(), report: bool = True, waived: tuple[str, ...] = (),
+              only: tuple[str, ...] = ()) -> dict:
     """`waived`: what `--insecure` let through (one line each), recorded before anything runs."""
     from qrobust.tasks.storage.store import Store, write_pairs, write_published_scores
 
     started = time.perf_counter()
     store = Store(workspace.store_path)
-    plans = plan_grid(grid)
+    plans = plan_grid(grid, only)
     progress = GridProgress(len(plans))
     run = GridRun(grid, workspace, store, progress, Submitter(workspace, runner, grid.scale, recompute), waived)
     run.record_waived()

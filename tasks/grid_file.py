@@ -110,17 +110,19 @@ def parse_grid(text: str, name: str = "grid") -> GridConfig:
         if card is not None or overrides is not None:
             model_generation.append(
                 (model.name, build_config(GenerationSpec, {**grid_generation, **published, **own}, what)))
-        for name in sorted({b.name for b in benchmarks}):
-            published_here = card.benchmark_generation.get(name, {}) if card else {}
-            if published_here or name in benchmark_tables:
-                values = {**grid_generation, **published, **published_here, **own, **benchmark_tables.get(name, {})}
-                benchmark_generation.append((model.name, name, build_config(GenerationSpec, values, f"{what} for {name}")))
+        for benchmark_name in sorted({b.name for b in benchmarks}):
+            published_here = card.benchmark_generation.get(benchmark_name, {}) if card else {}
+            if published_here or benchmark_name in benchmark_tables:
+                values = {**grid_generation, **published, **published_here, **own,
+                          **benchmark_tables.get(benchmark_name, {})}
+                benchmark_generation.append((model.name, benchmark_name,
+                                             build_config(GenerationSpec, values, f"{what} for {benchmark_name}")))
     for model in models:
         widths = input_widths(model)
         for method in methods if widths else ():
             method.check_input_widths(widths, model.name)
         settings = [dict(model_generation).get(model.name, generation)]
-        settings += [specific for name, _, specific in benchmark_generation if name == model.name]
+        settings += [specific for model_name, _, specific in benchmark_generation if model_name == model.name]
         for model_settings in settings:
             _check_training_matches_generation(model, model_settings)
             _check_harness_fits_family(model, model_settings)

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 from qrobust.tasks.config import ConfigError, choice
 from qrobust.tasks.methods.base import GPTQ_BITS, GroupwiseMethod
+from qrobust.tasks.numerics.curvature import MIN_PROBES
 
 TRACE_ESTIMATORS = ("hutchinson", "fisher", "activation")
 TIE_POLICIES = ("none", "qkv", "qkv+gate_up")
@@ -47,6 +48,11 @@ class HAWQ(GroupwiseMethod):
         object.__setattr__(self, "budget", float(self.budget))
         choice(self.estimator, TRACE_ESTIMATORS, "trace estimator")
         choice(self.tie, TIE_POLICIES, "tie policy")
+        if isinstance(self.probes, bool) or not isinstance(self.probes, int) or self.probes < 1:
+            raise ConfigError(f"hawq probes {self.probes!r} must be a positive integer")
+        if self.estimator == "hutchinson" and self.trace_tolerance is not None and self.probes < MIN_PROBES:
+            raise ConfigError(f"hawq probes {self.probes} is below {MIN_PROBES}, the fewest that judge "
+                              f"trace_tolerance {self.trace_tolerance}; allowed: probes >= {MIN_PROBES}")
 
     @classmethod
     def missing_list_message(cls) -> str:

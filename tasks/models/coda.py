@@ -57,6 +57,7 @@ from qrobust.tasks.models.native import (
     NativeCheckpointError,
     load_into,
     load_tokenizer_without_remote_code,
+    random_generator,
     random_weight,
     read_native_config,
     read_safetensors,
@@ -247,7 +248,8 @@ def load_coda_tokenizer(directory: Path):
 # --------------------------------------------------------------------------- tiny checkpoints
 
 def write_tiny_coda_checkpoint(
-    directory: Path, arch: TinyArchitecture = TinyArchitecture(), seed: int | None = None, shards: int = 1
+    directory: Path, arch: TinyArchitecture = TinyArchitecture(), seed: int | None = None, shards: int = 1,
+    padded_vocab_size: int | None = None, device: str = "cpu", dtype=None
 ) -> Path:
     """A tiny checkpoint in CoDA's format: CoDA's config.json fields and tensor names, random
     weights (seeded), split into `shards` safetensors files with an index when shards > 1, and
@@ -255,9 +257,11 @@ def write_tiny_coda_checkpoint(
 
     Declares tie_word_embeddings true, as CoDAConfig does by default, while lm_head holds its
     own weights, as in CoDA's model: a loader that tied would silently compute other logits.
+    `padded_vocab_size` gives the embedding and output layers that many rows (a real model's
+    vocabulary size: the tokenizer stays small and the extra rows are never produced from text);
+    `device` and `dtype` say where the random weights are drawn and how they are stored
+    (checkpoints at real sizes are drawn on a GPU and stored in bfloat16).
     """
-    import torch
-
     from qrobust.tasks.models.tiny import build_tokenizer
 
     directory = Path(directory)
@@ -268,7 +272,7 @@ def write_tiny_coda_checkpoint(
         "architectures": [CODA_ARCHITECTURE],
         "auto_map": CODA_AUTO_MAP,
         "model_type": CODA_MODEL_TYPE,
-        "vocab_size": len(tokenizer),
+        "vocab_size": max(len(tokenizer), padded_vocab_size or 0),
         "hidden_size": arch.hidden_size,
         "intermediate_size": arch.intermediate_size,
         "num_hidden_layers": arch.num_hidden_layers,
@@ -285,8 +289,9 @@ def write_tiny_coda_checkpoint(
         "torch_dtype": "float32",
         "transformers_version": "4.47.1",
     }
-    generator = torch.Generator().manual_seed(arch.init_seed if seed is None else seed)
-    tensors = {name: random_weight(name, shape, generator) for name, shape in coda_parameter_shapes(config).items()}
+    generator = random_generator(arch.init_seed if seed is None else seed, device)
+    tensors = {name: random_weight(name, shape, generator, dtype=dtype)
+               for name, shape in coda_parameter_shapes(config).items()}
     save_sharded(tensors, directory, shards)
     (directory / "config.json").write_text(json.dumps(config, indent=2))
     tokenizer.save_pretrained(directory)

@@ -48,6 +48,7 @@ from qrobust.tasks.models.native import (
     NativeCheckpointError,
     load_into,
     load_tokenizer_without_remote_code,
+    random_generator,
     random_weight,
     read_native_config,
     read_safetensors,
@@ -246,7 +247,7 @@ TINY_OUTPUT_SCALE = 4.0
 
 
 def write_tiny_dream_checkpoint(directory: Path, arch: TinyArchitecture = TinyArchitecture(), seed: int | None = None,
-                                shards: int = 1) -> Path:
+                                shards: int = 1, padded_vocab_size: int | None = None, device: str = "cpu", dtype=None) -> Path:
     """A tiny checkpoint in Dream's format: Dream's config.json fields, tensor names and tokenizer
     files (vocab.json, merges.txt, a tokenizer_config naming DreamTokenizer), random weights.
 
@@ -255,9 +256,11 @@ def write_tiny_dream_checkpoint(directory: Path, arch: TinyArchitecture = TinyAr
     near, and the output projection is scaled up so that, as in a trained model, logits are
     spread and the mask token's probability is negligible: then the authors' samplers, which
     may draw the mask token, and qrobust's, which never does, see the same choices.
+    `padded_vocab_size` gives the embedding and output layers that many rows (a real model's
+    vocabulary size: the tokenizer stays small and the extra rows are never produced from text);
+    `device` and `dtype` say where the random weights are drawn and how they are stored
+    (checkpoints at real sizes are drawn on a GPU and stored in bfloat16).
     """
-    import torch
-
     from qrobust.tasks.models.tiny import build_tokenizer
 
     directory = Path(directory)
@@ -274,7 +277,7 @@ def write_tiny_dream_checkpoint(directory: Path, arch: TinyArchitecture = TinyAr
         "architectures": [DREAM_ARCHITECTURE],
         "auto_map": DREAM_AUTO_MAP,
         "model_type": DREAM_MODEL_TYPE,
-        "vocab_size": token_ids[BEGIN_OF_TEXT] + 1,
+        "vocab_size": max(token_ids[BEGIN_OF_TEXT] + 1, padded_vocab_size or 0),
         "hidden_size": arch.hidden_size,
         "intermediate_size": arch.intermediate_size,
         "num_hidden_layers": arch.num_hidden_layers,
@@ -291,8 +294,8 @@ def write_tiny_dream_checkpoint(directory: Path, arch: TinyArchitecture = TinyAr
         "torch_dtype": "float32",
         "transformers_version": "4.46.2",
     }
-    generator = torch.Generator().manual_seed(arch.init_seed if seed is None else seed)
-    tensors = {name: random_weight(name, shape, generator, TINY_OUTPUT_SCALE)
+    generator = random_generator(arch.init_seed if seed is None else seed, device)
+    tensors = {name: random_weight(name, shape, generator, TINY_OUTPUT_SCALE, dtype)
                for name, shape in dream_parameter_shapes(config).items()}
     tensors["lm_head.weight"][config["mask_token_id"]] = 0.0
     save_sharded(tensors, directory, shards)

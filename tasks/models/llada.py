@@ -53,6 +53,7 @@ from qrobust.tasks.models.native import (
     listed,
     load_into,
     load_tokenizer_without_remote_code,
+    random_generator,
     random_weight,
     read_native_config,
     read_safetensors,
@@ -326,7 +327,7 @@ TINY_OUTPUT_SCALE = 4.0
 
 
 def write_tiny_llada_checkpoint(directory: Path, arch: TinyArchitecture = TinyArchitecture(), seed: int | None = None,
-                                shards: int = 1, vocab_size: int | None = None) -> Path:
+                                shards: int = 1, vocab_size: int | None = None, padded_vocab_size: int | None = None, device: str = "cpu", dtype=None) -> Path:
     """A tiny checkpoint in LLaDA's format: LLaDA's config.json fields (a llama block, rope, RMSNorm,
     SiLU, no biases, untied output), its tensor names and a tokenizer.json with LLaDA's special
     tokens (`<|endoftext|>` as eos and pad, `<|mdm_mask|>` as the mask, `<|eot_id|>` ending a turn).
@@ -335,9 +336,11 @@ def write_tiny_llada_checkpoint(directory: Path, arch: TinyArchitecture = TinyAr
     vocabulary layout, special tokens at LLaDA-8B's ids, and no tokenizer: for comparing samplers
     whose published code names those ids. The mask token's output row is zero and the output
     projection is scaled up, as in the Dream-format tiny checkpoints (`tasks.models.dream`).
+    `padded_vocab_size` gives the embedding and output layers that many rows (a real model's
+    vocabulary size: the tokenizer stays small and the extra rows are never produced from text);
+    `device` and `dtype` say where the random weights are drawn and how they are stored
+    (checkpoints at real sizes are drawn on a GPU and stored in bfloat16).
     """
-    import torch
-
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     if arch.num_attention_heads * arch.head_dim != arch.hidden_size:
@@ -347,7 +350,7 @@ def write_tiny_llada_checkpoint(directory: Path, arch: TinyArchitecture = TinyAr
         )
     if vocab_size is None:
         token_ids = _write_llada_tokenizer(arch, directory)
-        vocab_size = max(token_ids.values()) + 1
+        vocab_size = max(max(token_ids.values()) + 1, padded_vocab_size or 0)
     elif vocab_size < LLADA_8B_EMBEDDING_SIZE:
         raise NativeCheckpointError(f"vocab_size {vocab_size} is below LLaDA-8B's {LLADA_8B_EMBEDDING_SIZE}")
     else:
@@ -382,8 +385,8 @@ def write_tiny_llada_checkpoint(directory: Path, arch: TinyArchitecture = TinyAr
         "use_cache": False,
         "transformers_version": "4.46.3",
     }
-    generator = torch.Generator().manual_seed(arch.init_seed if seed is None else seed)
-    tensors = {name: random_weight(name, shape, generator, TINY_OUTPUT_SCALE)
+    generator = random_generator(arch.init_seed if seed is None else seed, device)
+    tensors = {name: random_weight(name, shape, generator, TINY_OUTPUT_SCALE, dtype)
                for name, shape in llada_parameter_shapes(config).items()}
     tensors["model.transformer.ff_out.weight"][config["mask_token_id"]] = 0.0
     save_sharded(tensors, directory, shards)

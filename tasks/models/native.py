@@ -206,18 +206,26 @@ def load_tokenizer_without_remote_code(directory: Path, tokenizer_config_changes
 
 # --------------------------------------------------------------------------- tiny checkpoints
 
-def random_weight(name: str, shape: tuple[int, ...], generator, output_scale: float = 1.0):
+def random_weight(name: str, shape: tuple[int, ...], generator, output_scale: float = 1.0, dtype=None):
     """Norm gains near 1, embeddings and biases of unit scale, projections scaled by
     1/sqrt(fan-in), so every tensor visibly shapes the logits; the output projection is
-    multiplied by `output_scale`."""
+    multiplied by `output_scale`. Drawn on the generator's device, then cast to `dtype`."""
     import torch
 
-    values = torch.randn(shape, generator=generator)
+    values = torch.randn(shape, generator=generator, device=generator.device)
     if len(shape) == 1:
-        return 1.0 + 0.1 * values if "norm" in name or "ln_f" in name else 0.1 * values
-    if "embed" in name or name.endswith("wte.weight"):
-        return values
-    return output_scale * values / shape[1] ** 0.5
+        values = 1.0 + 0.1 * values if "norm" in name or "ln_f" in name else 0.1 * values
+    elif not ("embed" in name or name.endswith("wte.weight")):
+        values = output_scale * values / shape[1] ** 0.5
+    return values if dtype is None else values.to(dtype)
+
+
+def random_generator(seed: int, device: str = "cpu"):
+    """The seeded generator the random-weight checkpoint writers draw from (CPU for tiny models,
+    a GPU for checkpoints at real sizes, where drawing billions of values on a CPU takes minutes)."""
+    import torch
+
+    return torch.Generator(device=device).manual_seed(seed)
 
 
 def save_sharded(tensors: dict, directory: Path, shards: int) -> None:
@@ -225,6 +233,7 @@ def save_sharded(tensors: dict, directory: Path, shards: int) -> None:
     from safetensors.torch import save_file
 
     directory = Path(directory)
+    tensors = {name: tensor.contiguous().cpu() for name, tensor in tensors.items()}
     if shards == 1:
         save_file(tensors, directory / "model.safetensors", metadata={"format": "pt"})
         return

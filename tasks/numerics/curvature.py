@@ -210,6 +210,10 @@ def _require_float32(linears: dict) -> None:
             )
 
 
+# The fewest Hutchinson probes whose spread judges a trace tolerance.
+MIN_PROBES = 8
+
+
 def hutchinson_traces(
     model,
     loss_fn: Callable[[Any, Any], Any],
@@ -217,7 +221,7 @@ def hutchinson_traces(
     probes: int,
     tolerance: float | None = None,
     seed: int = 0,
-    min_probes: int = 8,
+    min_probes: int = MIN_PROBES,
 ) -> dict[str, LayerTrace]:
     """Hutchinson estimates of tr(H_ll) for every quantizable Linear's weight.
 

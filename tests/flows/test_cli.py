@@ -172,3 +172,47 @@ def test_a_kernel_that_cannot_run_here_is_refused_before_any_work(tmp_path):
     assert len(lines) == 1 and lines[0].startswith(
         "qrobust: error: tiny-ar/gptq-w3g32/humaneval: kernel 'marlin' cannot run 3-bit weights")
     assert not (tmp_path / "ws" / "artifacts").exists()
+
+
+def test_status_shows_failed_cells_beside_done_ones(filled_workspace, capsys):
+    grid = parse_grid('[[models]]\nname="tiny-ar"\n[[methods]]\nname="hawq"\nbudgets=[3.0]\n[[benchmarks]]\n'
+                      'name="humaneval"\n')
+    with connect(filled_workspace / "results.duckdb") as con:
+        write_cell(con, grid.cells()[0], {"config": {}, "status": "failed", "error": "quantization failed: boom"}, [],
+                   None)
+    assert main(["status", "--workspace", str(filled_workspace)]) == 0
+    out = capsys.readouterr().out
+    assert "quantization failed: boom" in out and "3.0" in out and "1.000" in out
+
+
+GRID_OF_SIX = ('[[models]]\nname="tiny-ar"\n[[methods]]\nname="fp"\n[[methods]]\nname="gptq"\nbits=[4]\n'
+               '[[benchmarks]]\nname="humaneval"\n[[benchmarks]]\nname="mbpp"\npath="x.jsonl"\n'
+               '[[benchmarks]]\nname="humaneval-plus"\npath="y.jsonl"\n')
+
+
+@pytest.mark.parametrize("cells, chosen", [
+    (["tiny-ar/fp/humaneval"], ["tiny-ar/fp/humaneval"]),  # the exact label wins over humaneval-plus
+    (["humaneval"], ["tiny-ar/fp/humaneval", "tiny-ar/fp/humaneval-plus", "tiny-ar/gptq-w4g32/humaneval",
+                     "tiny-ar/gptq-w4g32/humaneval-plus"]),
+    (["gptq", "fp/mbpp"], ["tiny-ar/fp/mbpp", "tiny-ar/gptq-w4g32/humaneval", "tiny-ar/gptq-w4g32/mbpp",
+                           "tiny-ar/gptq-w4g32/humaneval-plus"]),
+])
+def test_cells_selects_a_part_of_the_grid(tmp_path, capsys, cells, chosen):
+    grid = tmp_path / "g.toml"
+    grid.write_text(GRID_OF_SIX)
+    args = [a for text in cells for a in ("--cells", text)]
+    assert main(["run", str(grid), "--dry-run", *args]) == 0
+    listed = capsys.readouterr().err
+    assert f"{len(chosen)} of 6 cells" in listed
+    from qrobust.flows.grid import selected_cells
+
+    assert sorted(c.label for c in selected_cells(parse_grid(GRID_OF_SIX), tuple(cells))) == sorted(chosen)
+
+
+def test_cells_matching_nothing_is_a_one_line_error(tmp_path):
+    grid = tmp_path / "g.toml"
+    grid.write_text(GRID_OF_SIX)
+    result = _qrobust("run", str(grid), "--cells", "qwen3", "--workspace", str(tmp_path / "ws"))
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "no cell of grid 'g' matches 'qwen3'" in lines[0] and "tiny-ar/fp/humaneval" in lines[0]

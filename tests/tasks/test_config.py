@@ -169,3 +169,18 @@ def test_the_study_models_carry_their_published_scores_and_a_grid_may_add_its_ow
 def test_a_bad_published_score_names_the_bad_value(entry, fragment):
     with pytest.raises(ConfigError, match=re.escape(fragment)):
         parse_grid(GRID + "[[published]]\n" + entry + "\n")
+
+
+def test_a_grid_without_a_name_takes_the_one_it_is_given():
+    text = ('[[models]]\nname="tiny-ar"\n[[methods]]\nname="fp"\n[[benchmarks]]\nname="humaneval"\n'
+            '[[benchmarks]]\nname="mbpp"\npath="x.jsonl"\n')
+    assert parse_grid(text, name="from-the-file-name").name == "from-the-file-name"
+    assert parse_grid('name = "mine"\n' + text, name="from-the-file-name").name == "mine"
+
+
+def test_hawq_probes_too_few_to_judge_the_trace_tolerance_are_refused():
+    text = ('[[models]]\nname="tiny-ar"\n[[methods]]\nname="hawq"\nbudgets=[3.0]\nprobes=4\n'
+            '[[benchmarks]]\nname="humaneval"\n')
+    with pytest.raises(ConfigError, match="hawq probes 4 is below 8, the fewest that judge trace_tolerance"):
+        parse_grid(text)
+    parse_grid(text.replace("probes=4", "probes=8"))
