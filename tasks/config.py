@@ -234,6 +234,15 @@ class GenerationSpec:
                 raise ConfigError(f"batch_size {self.batch_size!r} must be a positive integer or 'auto'")
             positive(self.batch_size, "batch_size")
         choice(self.alg, DIFFUSION_ALGS, "diffusion alg")
+        if self.block_length is not None:
+            positive(self.block_length, "block_length")
+            if self.max_new_tokens % self.block_length:
+                raise ConfigError(f"max_new_tokens {self.max_new_tokens} must be a multiple of block_length "
+                                  f"{self.block_length}")
+            blocks = self.max_new_tokens // self.block_length
+            if self.steps % blocks:
+                raise ConfigError(f"steps {self.steps} must be a multiple of the number of blocks {blocks} "
+                                  f"(max_new_tokens {self.max_new_tokens} / block_length {self.block_length})")
         if self.n_samples > 1 and self.temperature == 0:
             raise ConfigError(f"n_samples {self.n_samples} needs temperature > 0 (greedy samples are identical)")
         if self.harness == "coda-published":
