@@ -259,8 +259,10 @@ def masked_diffusion_loss(
 
 
 def _uniform(shape: tuple[int, ...] | torch.Size, generator: torch.Generator, device) -> torch.Tensor:
-    """U[0, 1) drawn from `generator` on its own device, then moved to `device`."""
-    return torch.rand(shape, generator=generator, device=generator.device).to(device)
+    """U[0, 1) in float32 drawn from `generator` on its own device, then moved to `device`. The
+    dtype is explicit: torch's default dtype is process-wide, and a model loading in another
+    thread sets it to the model's for a while, which would change the draws."""
+    return torch.rand(shape, generator=generator, device=generator.device, dtype=torch.float32).to(device)
 
 
 @torch.no_grad()

@@ -141,7 +141,7 @@ def build_calibration(context: StageContext, spec: CalibrationSpec, model: Prepa
     if masked:
         from qrobust.tasks.models.diffusion import mask_tokens
 
-        ratios = torch.tensor(mask_ratio_per_sample(spec))
+        ratios = torch.tensor(mask_ratio_per_sample(spec), dtype=torch.float32)  # not the process's default dtype
         generator = torch.Generator().manual_seed(spec.seed + 1)
         masked_ids, positions = mask_tokens(
             clean, torch.ones_like(clean, dtype=torch.bool), ratios, model.mask_token_id, generator

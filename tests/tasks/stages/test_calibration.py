@@ -36,6 +36,26 @@ def test_diffusion_calibration_is_masked_at_varied_ratios(tiny_models, shared_wo
     assert torch.equal(tensors["masked_input_ids"][~masked], clean[~masked])
 
 
+def test_diffusion_calibration_is_the_same_while_another_thread_loads_a_bfloat16_model(tiny_models, shared_workspace):
+    """torch's default dtype is process-wide: a model loading in bfloat16 on another thread sets it
+    for a while. The masks and ratios must not change with it."""
+    spec = CalibrationSpec(n_samples=8, seq_len=32)
+    model = tiny_models["tiny-diffusion"]
+    built = []
+    for default in (torch.float32, torch.bfloat16):
+        previous = torch.get_default_dtype()
+        torch.set_default_dtype(default)
+        try:
+            calibration = STAGE.run(shared_workspace, (spec, model), recompute=True)
+            built.append(load_calibration(calibration, shared_workspace))
+        finally:
+            torch.set_default_dtype(previous)
+    first, second = built
+    assert first.keys() == second.keys()
+    for name in first:
+        assert first[name].dtype == second[name].dtype and torch.equal(first[name], second[name]), name
+
+
 def test_the_calibration_set_is_stored_as_tensors_not_as_a_pickle(tiny_models, stdlib_calibration, shared_workspace):
     calibration = STAGE.run(shared_workspace, (stdlib_calibration, tiny_models["tiny-ar"]))
     files = sorted(p.name for p in calibration.directory(shared_workspace).iterdir())
