@@ -137,6 +137,7 @@ def cmd_run(args) -> int:
     only = tuple(args.cells)
     cells = selected_cells(grid, only)
     if args.runner == "threads":
+        _check_local_models(cells)
         _check_kernels(cells)
     if args.dry_run:
         _print_cells(grid, Console(stderr=True, width=max(console.width, 200)), cells)
@@ -183,6 +184,18 @@ def _quiet_shutdown() -> None:
 
     for name in ("prefect", "httpx"):
         logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def _check_local_models(cells) -> None:
+    """Fail before any model work if a model named by a local path has no folder there."""
+    import os
+
+    from qrobust.tasks.config import ConfigError
+
+    for model in {cell.model.name: cell.model for cell in cells}.values():
+        hf_id = model.hf_id or ""
+        if hf_id.startswith(("/", "./", "../", "~")) and not os.path.isdir(os.path.expanduser(hf_id)):
+            raise ConfigError(f"model {model.name!r}: hf_id {hf_id!r} is a path, and no such folder exists here")
 
 
 def _check_kernels(cells) -> None:

@@ -216,3 +216,14 @@ def test_cells_matching_nothing_is_a_one_line_error(tmp_path):
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "no cell of grid 'g' matches 'qwen3'" in lines[0] and "tiny-ar/fp/humaneval" in lines[0]
+
+
+def test_a_model_at_a_local_path_that_does_not_exist_is_refused_before_any_work(tmp_path):
+    grid = tmp_path / "g.toml"
+    grid.write_text(f'[[models]]\nname="mine"\nfamily="ar"\nhf_id="{tmp_path}/no-such-model"\n[[methods]]\nname="fp"\n'
+                    '[[benchmarks]]\nname="humaneval"\nlimit=1\n')
+    result = _qrobust("run", str(grid), "--workspace", str(tmp_path / "ws"))
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "hf_id" in lines[0] and "no-such-model' is a path, and no such folder exists" in lines[0]
+    assert not (tmp_path / "ws" / "artifacts").exists()
