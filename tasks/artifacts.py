@@ -200,7 +200,7 @@ class GeneratedShard(Artifact):
     device: str
     environment: dict | None = None  # where the answers were generated (tasks.runtime.provenance)
     kernel: str = "dense"  # the kernel classes the quantized layers ran on; "dequantized"; "dense" for fp
-    warmup_seconds: float = 0.0  # first-use costs (kernel builds, autotuning), kept out of gen_seconds
+    warmup_seconds: float = 0.0  # loading (kernel builds) and a first batch, kept out of gen_seconds
     batch_size: int = 0
     model_tokens: int = 0  # tokens through the decoder backbone while generating (work done)
 
