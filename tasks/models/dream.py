@@ -50,6 +50,7 @@ from qrobust.tasks.models.native import (
     load_tokenizer_without_remote_code,
     random_generator,
     random_weight,
+    require_heads_span_hidden,
     read_native_config,
     read_safetensors,
     refuse_unsupported,
@@ -256,20 +257,13 @@ def write_tiny_dream_checkpoint(directory: Path, arch: TinyArchitecture = TinyAr
     near, and the output projection is scaled up so that, as in a trained model, logits are
     spread and the mask token's probability is negligible: then the authors' samplers, which
     may draw the mask token, and qrobust's, which never does, see the same choices.
-    `padded_vocab_size` gives the embedding and output layers that many rows (a real model's
-    vocabulary size: the tokenizer stays small and the extra rows are never produced from text);
-    `device` and `dtype` say where the random weights are drawn and how they are stored
-    (checkpoints at real sizes are drawn on a GPU and stored in bfloat16).
+    `padded_vocab_size`, `device` and `dtype` as in `write_tiny_coda_checkpoint`.
     """
     from qrobust.tasks.models.tiny import build_tokenizer
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    if arch.num_attention_heads * arch.head_dim != arch.hidden_size:
-        raise NativeCheckpointError(
-            f"a Dream-format tiny model needs hidden_size = num_attention_heads x head_dim, got "
-            f"{arch.hidden_size} != {arch.num_attention_heads} x {arch.head_dim}"
-        )
+    require_heads_span_hidden(arch, "Dream")
     tokenizer = build_tokenizer(arch.vocab_size)
     token_ids = _write_dream_tokenizer(tokenizer, directory)
     config = {

@@ -55,6 +55,7 @@ from qrobust.tasks.models.native import (
     load_tokenizer_without_remote_code,
     random_generator,
     random_weight,
+    require_heads_span_hidden,
     read_native_config,
     read_safetensors,
     refuse_unsupported,
@@ -336,18 +337,11 @@ def write_tiny_llada_checkpoint(directory: Path, arch: TinyArchitecture = TinyAr
     vocabulary layout, special tokens at LLaDA-8B's ids, and no tokenizer: for comparing samplers
     whose published code names those ids. The mask token's output row is zero and the output
     projection is scaled up, as in the Dream-format tiny checkpoints (`tasks.models.dream`).
-    `padded_vocab_size` gives the embedding and output layers that many rows (a real model's
-    vocabulary size: the tokenizer stays small and the extra rows are never produced from text);
-    `device` and `dtype` say where the random weights are drawn and how they are stored
-    (checkpoints at real sizes are drawn on a GPU and stored in bfloat16).
+    `padded_vocab_size`, `device` and `dtype` as in `write_tiny_coda_checkpoint`.
     """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    if arch.num_attention_heads * arch.head_dim != arch.hidden_size:
-        raise NativeCheckpointError(
-            f"a LLaDA-format tiny model needs hidden_size = num_attention_heads x head_dim, got "
-            f"{arch.hidden_size} != {arch.num_attention_heads} x {arch.head_dim}"
-        )
+    require_heads_span_hidden(arch, "LLaDA")
     if vocab_size is None:
         token_ids = _write_llada_tokenizer(arch, directory)
         vocab_size = max(max(token_ids.values()) + 1, padded_vocab_size or 0)

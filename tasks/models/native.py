@@ -220,6 +220,16 @@ def random_weight(name: str, shape: tuple[int, ...], generator, output_scale: fl
     return values if dtype is None else values.to(dtype)
 
 
+def require_heads_span_hidden(arch, format_name: str) -> None:
+    """A tiny checkpoint of a format whose attention width is the hidden size needs
+    hidden_size = num_attention_heads x head_dim."""
+    if arch.num_attention_heads * arch.head_dim != arch.hidden_size:
+        raise NativeCheckpointError(
+            f"a {format_name}-format tiny model needs hidden_size = num_attention_heads x head_dim, got "
+            f"{arch.hidden_size} != {arch.num_attention_heads} x {arch.head_dim}"
+        )
+
+
 def random_generator(seed: int, device: str = "cpu"):
     """The seeded generator the random-weight checkpoint writers draw from (CPU for tiny models,
     a GPU for checkpoints at real sizes, where drawing billions of values on a CPU takes minutes)."""
